@@ -1,0 +1,73 @@
+"""Names and references.
+
+Names of domains, adapters, aliases and routers become parts of paths and URLs, so they are
+validated in one place: 1-64 characters from `[A-Za-z0-9._-]`, starting with a letter or
+digit, never containing `..`. A reference to an adapter version is one of
+
+    NAME           the newest ready version of NAME
+    NAME:3         version 3 of NAME
+    NAME@staging   the version the alias `staging` of NAME points at
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from registry.errors import BadInputError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or control characters)"
+
+
+def validate_name(value: object, what: str = "name") -> str:
+    """Return `value` if it is a valid name, else raise `BadInputError` naming it.
+
+    Args:
+        value: the candidate name.
+        what: what the name is for ("adapter name", "alias", ...), used in the message.
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+        raise BadInputError(f"invalid {what} {value!r}: {_NAME_RULE}")
+    return value
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference to an adapter version."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+def parse_ref(text: object) -> Ref:
+    """Parse `NAME`, `NAME:VERSION` or `NAME@ALIAS`.
+
+    Raises:
+        BadInputError: the text is not a valid reference; the message shows the forms.
+    """
+    if not isinstance(text, str):
+        raise BadInputError(f"invalid reference {text!r}: use NAME, NAME:VERSION or NAME@ALIAS")
+    forms = "use NAME, NAME:VERSION (e.g. legal:3) or NAME@ALIAS (e.g. legal@production)"
+    if text.count(":") + text.count("@") > 1:
+        raise BadInputError(f"invalid reference {text!r}: {forms}")
+    if ":" in text:
+        name, _, number = text.partition(":")
+        if not number.isdigit() or int(number) < 1 or not number.isascii():
+            raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers from 1")
+        return Ref(validate_name(name, "adapter name"), version=int(number))
+    if "@" in text:
+        name, _, alias = text.partition("@")
+        return Ref(validate_name(name, "adapter name"), alias=validate_name(alias, "alias"))
+    try:
+        return Ref(validate_name(text, "adapter name"))
+    except BadInputError:
+        raise BadInputError(f"invalid reference {text!r}: {forms}") from None

@@ -1,0 +1,177 @@
+"""The content-addressed artifact store.
+
+An artifact is a folder of regular files (`adapter_config.json` + `*.safetensors` for an
+adapter). It is stored once under `sha256/<2 hex>/<digest>/`, where the digest is the
+folder's manifest hash (`registry.hashing.tree_digest`). Writing is atomic: the files go
+to a private temp folder, are fsynced, hashed, made read-only, and the folder is renamed
+into place in one step, so a crash leaves either nothing or a complete artifact (plus, at
+worst, a temp folder that `gc` removes). Nothing is read from the store before its digest
+is checked against the one the caller expects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import BadInputError, IntegrityError
+from registry.hashing import list_tree, tree_digest
+
+_TMP = ".tmp"
+_OBJECTS = "sha256"
+#: a hook the crash tests use to stop a writer at a named point; None in normal runs
+_fault_hook: Callable[[str], None] | None = None
+
+
+def _fault(point: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(point)
+    elif os.environ.get("PLAIT_FAULT_POINT") == point:  # crash-safety tests kill the process here
+        os.kill(os.getpid(), 9)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    sha256: str
+    size_bytes: int
+    location: str  # relative to the store root
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_read_only(root: Path) -> None:
+    for p in list_tree(root):
+        p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _make_writable(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+class ArtifactStore:
+    """Folder-valued, content-addressed, write-once storage under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, location: str) -> Path:
+        """The absolute path of a stored artifact; refuses locations outside the store."""
+        p = (self.root / location).resolve()
+        if not p.is_relative_to(self.root.resolve()) or p == self.root.resolve():
+            raise IntegrityError(f"artifact location {location!r} points outside the store {self.root}")
+        return p
+
+    def put(self, files: dict[str, Path | bytes]) -> StoredArtifact:
+        """Store a new artifact made of `files` (relative name -> source path or bytes).
+
+        Returns:
+            the digest, size and location; storing identical content twice stores it once.
+        """
+        tmp = self.root / _TMP / uuid.uuid4().hex
+        tmp.mkdir(parents=True)
+        try:
+            for rel, src in sorted(files.items()):
+                dest = tmp / rel
+                if not dest.resolve().is_relative_to(tmp.resolve()) or rel.startswith("/"):
+                    raise BadInputError(f"artifact file name {rel!r} escapes the artifact folder")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(dest, "wb") as out:
+                    if isinstance(src, bytes):
+                        out.write(src)
+                    else:
+                        with open(src, "rb") as f:
+                            shutil.copyfileobj(f, out, 1 << 20)
+                    _fault("store.write")
+                    out.flush()
+                    os.fsync(out.fileno())
+            digest, size = tree_digest(tmp)
+            _make_read_only(tmp)
+            _fsync_path(tmp)
+            final = self.root / _OBJECTS / digest[:2] / digest
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fault("store.before_rename")
+            if final.exists():
+                self.verify(f"{_OBJECTS}/{digest[:2]}/{digest}", digest)
+                _make_writable(tmp)
+                shutil.rmtree(tmp)
+            else:
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # a concurrent writer stored the same content first
+                    if not final.exists():
+                        raise
+                    _make_writable(tmp)
+                    shutil.rmtree(tmp)
+                _fsync_path(final.parent)
+            return StoredArtifact(digest, size, f"{_OBJECTS}/{digest[:2]}/{digest}")
+        except BaseException:
+            if tmp.exists():
+                _make_writable(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def put_dir(self, src: Path, include: Callable[[Path], bool] = lambda p: True) -> StoredArtifact:
+        """Store the regular files of folder `src` accepted by `include`."""
+        src = Path(src)
+        files = {p.relative_to(src).as_posix(): p for p in list_tree(src) if include(p)}
+        if not files:
+            raise BadInputError(f"{src} holds no files to store")
+        return self.put(files)
+
+    def verify(self, location: str, expected_sha256: str, *, what: str = "artifact") -> Path:
+        """Check a stored artifact against its expected digest and return its path.
+
+        Raises:
+            IntegrityError: missing, changed, truncated or swapped files.
+        """
+        p = self.path(location)
+        if not p.is_dir():
+            raise IntegrityError(f"{what} is missing from the store (expected sha256 {expected_sha256} at {p})")
+        actual, _ = tree_digest(p)
+        if actual != expected_sha256:
+            raise IntegrityError(
+                f"{what} failed its hash check: expected sha256 {expected_sha256}, found {actual} at {p}; "
+                f"the files were modified, truncated or swapped, restore them or archive the version")
+        return p
+
+    def locations(self) -> list[str]:
+        """Every stored artifact's location."""
+        objects = self.root / _OBJECTS
+        if not objects.is_dir():
+            return []
+        return sorted(f"{_OBJECTS}/{d.parent.name}/{d.name}" for d in objects.glob("*/*") if d.is_dir())
+
+    def remove(self, location: str) -> int:
+        """Delete one stored artifact; returns the bytes freed."""
+        p = self.path(location)
+        size = sum(f.stat().st_size for f in list_tree(p))
+        _make_writable(p)
+        shutil.rmtree(p)
+        return size
+
+    def remove_stale_temp(self, older_than_s: float = 600.0) -> int:
+        """Delete temp folders left by crashed writers; returns how many."""
+        tmp_root = self.root / _TMP
+        if not tmp_root.is_dir():
+            return 0
+        now, removed = time.time(), 0
+        for d in tmp_root.iterdir():
+            if now - d.stat().st_mtime >= older_than_s:
+                _make_writable(d)
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
