@@ -36,7 +36,8 @@ Let acc(t) be the held-out in-domain accuracy when inputs below t fall back to t
 back. Feasible thresholds keep acc(t) >= acc(0) - `max_accuracy_drop` (default 0.02).
 With out-of-domain inputs we pick the feasible t that maximises acc(t) + fb(t); without
 them, the largest feasible t (the most conservative router that still keeps in-domain
-accuracy). Thresholds are taken midway between observed confidences.
+accuracy). Candidate thresholds are the observed confidences and the midpoints between
+them; when several maximise the objective, the middle one is taken (a margin on both sides).
 """
 
 from __future__ import annotations
@@ -354,14 +355,15 @@ class RouterCore:
 
         cand = torch.unique(torch.cat([conf_in, conf_ood]))  # sorted ascending
         mids = (cand[1:] + cand[:-1]) / 2
-        thresholds = torch.cat([torch.zeros(1), mids, cand[-1:] + 1e-6]).clamp(max=1.0)
+        thresholds = torch.cat([torch.zeros(1), cand, mids, cand[-1:] + 1e-6]).clamp(max=1.0).unique()
         acc = ((conf_in[None, :] >= thresholds[:, None]) & correct[None, :]).float().mean(-1)
         feasible = acc >= float(correct.float().mean()) - max_accuracy_drop - 1e-9
         if ood:
             fb = (conf_ood[None, :] < thresholds[:, None]).float().mean(-1)
             objective = torch.where(feasible, acc + fb, torch.full_like(acc, -1.0))
-            # the largest threshold among equally good ones: more out-of-domain safety margin
-            best = int(torch.nonzero(objective == objective.max()).max())
+            # the middle of the equally good range: margin on both sides for unseen inputs
+            ties = torch.nonzero(objective == objective.max()).flatten()
+            best = int(ties[len(ties) // 2])
         else:
             best = int(torch.nonzero(feasible).max())
         t = float(thresholds[best])

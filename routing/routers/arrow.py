@@ -164,7 +164,8 @@ class ArrowRouter(RouterCore):
                  for p, m in modules.items()]
         disable = getattr(self.model, "disable_adapter", None)
         # the decoder stack alone (no LM head) when the model exposes it: the logits are not needed
-        runner = lm.model if hasattr(lm, "model") and isinstance(lm.model, torch.nn.Module) else lm
+        inner = getattr(lm, "model", None)
+        runner = inner if isinstance(inner, torch.nn.Module) and all(p.startswith("model.") for p in modules) else lm
         out = []
         try:
             for i in range(0, len(texts), self.batch_size):
