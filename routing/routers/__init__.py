@@ -46,7 +46,7 @@ import importlib
 import json
 import pkgutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
@@ -114,7 +114,7 @@ class Router(Protocol):
     domains: list[str]
     threshold: float
 
-    def fit(self, domain_data: Mapping[str, Any]) -> Router:
+    def fit(self, domain_data: Mapping[str, Any], refs: Mapping[str, str] | None = None) -> Router:
         """Fit from scratch on {domain: data}; data is what `add_domain` takes."""
         ...
 
