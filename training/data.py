@@ -111,7 +111,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise BadInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                raise BadInputError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1}); "
                                     f"write one JSON object per line") from None
             rows.append(_row(obj, where))
     return rows
