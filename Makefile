@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.plait-installed
 
-.PHONY: setup demo demo-fast test test-slow bench clean
+.PHONY: setup demo test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/plait demo
-
-demo-fast: setup
-	$(BIN)/plait demo --fast
+	$(BIN)/python examples/registry_walkthrough.py
+	$(BIN)/plait registry list --workspace plait-walkthrough/.plait
 
 test: setup
 	$(BIN)/python -m pytest -q

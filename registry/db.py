@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
@@ -31,9 +31,9 @@ def make_engine(url: str) -> Engine:
         def _on_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
             cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")  # first: the WAL switch may wait
             if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
                 cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
@@ -48,9 +48,19 @@ def make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet."""
+    """Create every table that does not exist yet.
+
+    The check is one cheap query when the schema is complete; creation runs in a write
+    transaction so several processes opening a fresh database at once queue instead of
+    failing with "database is locked".
+    """
     with translate_db_errors(engine):
-        SQLModel.metadata.create_all(engine)
+        if set(SQLModel.metadata.tables) <= set(inspect(engine).get_table_names()):
+            return
+        with engine.execution_options(plait_write=True).begin() as conn:
+            if engine.dialect.name == "postgresql":  # concurrent CREATE TABLEs race on the catalog
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7471)")
+            SQLModel.metadata.create_all(conn)
 
 
 @contextlib.contextmanager

@@ -26,9 +26,10 @@ class Tracking:
     """A thin wrapper over `mlflow.MlflowClient` for one tracking URI."""
 
     def __init__(self, uri: str):
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # after the import: mlflow configures its logger on import
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import byte_tokenizer, write_jsonl
+from tests.train_helpers import byte_tokenizer, write_jsonl
 from registry.errors import BadInputError, NotFoundError
 from training.data import (IGNORE_INDEX, MAX_ROW_BYTES, Row, batch_at, collate, fingerprint_rows, load_domain_data,
                            read_rows, tokenize_rows)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from tests.train_helpers import write_jsonl
 from registry.client import Registry
 from registry.errors import BadInputError, IncompatibleBaseError, NotFoundError
 from training.methods import get_method
@@ -146,7 +146,7 @@ def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):
 
 
 def test_warm_start_refuses_another_base(reg, data, tiny_base, tmp_path):
-    from conftest import make_tiny_base
+    from tests.tiny import make_tiny_base
 
     train_domain(reg, tiny_base, "apples", data["a"], config=cfg("lora", {}, 1e-2, steps=2))
     other = make_tiny_base(tmp_path / "other", seed=1)

@@ -1,0 +1,98 @@
+"""The `plait` command line: a thin Typer layer over `plait.Workspace`.
+
+Errors a user can cause print as one line on stderr and exit 2; failures of the system or
+of stored data exit 1. `--debug` (or PLAIT_DEBUG=1) shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from plait.commands import registry as registry_cmd
+from plait.commands._common import JsonOpt, WorkspaceOpt, print_json
+
+app = typer.Typer(
+    name="plait",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="plait: grow one base model domain by domain with LoRA, QLoRA and bottleneck adapters, "
+         "without forgetting. A versioned registry, an incremental trainer, a router and forgetting audits.",
+)
+app.add_typer(registry_cmd.app, name="registry")
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    if debug:
+        os.environ["PLAIT_DEBUG"] = "1"
+
+
+@app.command()
+def init(
+    workspace: WorkspaceOpt = None,
+    base_model: Annotated[str, typer.Option(
+        "--base-model", help="Base model: a local folder, a .gguf file, a cached HF id, or 'smollm2' (shipped).")] = "smollm2",
+    db: Annotated[str, typer.Option("--db", help="Registry database URL (default: SQLite in the workspace).")] = "",
+    tracking_uri: Annotated[str, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default: SQLite in the workspace; 'none' turns MLflow off).")] = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Create a workspace: settings, registry database, MLflow store and artifact folder."""
+    from plait.workspace import Workspace
+
+    ws = Workspace.init(workspace, base_model=base_model, db_url=db, tracking_uri=tracking_uri)
+    if json_:
+        return print_json(ws.describe())
+    typer.echo(f"workspace ready at {ws.path}")
+    for key, value in ws.describe().items():
+        if key != "workspace":
+            typer.echo(f"  {key:<13} {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    import click
+
+    from registry.errors import PlaitError
+
+    debug = os.environ.get("PLAIT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        result = app(args=argv, prog_name="plait", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except PlaitError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
+        if debug:
+            raise
+        typer.echo(f"error: {type(e).__name__}: {' '.join(str(e).split())[:500]} (run with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

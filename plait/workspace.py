@@ -1,0 +1,133 @@
+"""A workspace: one base model, one registry database, one MLflow store, one artifact tree.
+
+    .plait/
+      plait.toml      base model, database URL, MLflow tracking URI
+      registry.db     the registry (SQLite, WAL) unless db_url points elsewhere
+      mlflow.db       MLflow runs and the mirrored model registry
+      artifacts/      the content-addressed artifact store
+
+`Workspace` is the Python entry point of plait; the CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from registry.client import Registry
+from registry.errors import BadInputError, ConflictError, NotFoundError
+
+DEFAULT_WORKSPACE = ".plait"
+CONFIG_FILE = "plait.toml"
+
+
+@dataclass
+class WorkspaceConfig:
+    """The settings in `plait.toml`."""
+
+    base_model: str = "smollm2"
+    """Base model: a local folder, a .gguf file, a cached Hugging Face id, or `smollm2`."""
+    db_url: str = ""
+    """SQLAlchemy URL of the registry; empty means `registry.db` in the workspace."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty means `mlflow.db` in the workspace, `none` turns MLflow off."""
+
+    def to_toml(self) -> str:
+        lines = ["# plait workspace settings (see `plait init --help`)"]
+        for key, value in (("base_model", self.base_model), ("db_url", self.db_url),
+                           ("tracking_uri", self.tracking_uri)):
+            lines.append(f"{key} = {json.dumps(value)}")  # JSON strings are valid TOML basic strings
+        return "\n".join(lines) + "\n"
+
+
+class Workspace:
+    """An existing workspace folder.
+
+    Args:
+        path: the workspace folder (default `$PLAIT_WORKSPACE` or `./.plait`).
+
+    Raises:
+        NotFoundError: there is no `plait.toml` in `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path or os.environ.get("PLAIT_WORKSPACE") or DEFAULT_WORKSPACE).expanduser().absolute()
+        cfg_file = self.path / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise NotFoundError(f"no plait workspace at {self.path}; create one with `plait init --workspace {self.path}`")
+        try:
+            raw = tomllib.loads(cfg_file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise BadInputError(f"{cfg_file} is not valid TOML ({e}); fix or re-create it with `plait init`") from None
+        known = set(WorkspaceConfig.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise BadInputError(f"{cfg_file} has unknown setting(s) {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(known))}")
+        self.config = WorkspaceConfig(**raw)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike | None = None, *, base_model: str = "smollm2", db_url: str = "",
+             tracking_uri: str = "") -> Workspace:
+        """Create a workspace (or open it again when it exists with the same settings).
+
+        Raises:
+            ConflictError: the folder is a workspace with other settings.
+        """
+        root = Path(path or os.environ.get("PLAIT_WORKSPACE") or DEFAULT_WORKSPACE).expanduser().absolute()
+        base = str(base_model)
+        if Path(base).expanduser().exists():  # a local path: store it absolute so the workspace can move
+            base = str(Path(base).expanduser().resolve())
+        config = WorkspaceConfig(base_model=base, db_url=db_url, tracking_uri=tracking_uri)
+        cfg_file = root / CONFIG_FILE
+        if cfg_file.is_file():
+            existing = cls(root)
+            if existing.config != config:
+                raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
+                                    f"edit {cfg_file} or choose another --workspace")
+            return existing
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "artifacts").mkdir(exist_ok=True)
+        tmp = cfg_file.with_suffix(".tmp")
+        tmp.write_text(config.to_toml())
+        os.replace(tmp, cfg_file)
+        ws = cls(root)
+        ws.registry  # noqa: B018 - creates the database schema now, not on first use
+        return ws
+
+    # ----------------------------------------------------------------- settings
+    @property
+    def db_url(self) -> str:
+        return self.config.db_url or f"sqlite:///{self.path / 'registry.db'}"
+
+    @property
+    def tracking_uri(self) -> str | None:
+        uri = self.config.tracking_uri
+        if uri.lower() == "none":
+            return None
+        return uri or f"sqlite:///{self.path / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.path / "artifacts"
+
+    @cached_property
+    def registry(self) -> Registry:
+        """The workspace's registry (opened on first use)."""
+        return Registry(self.db_url, self.artifact_root, tracking_uri=self.tracking_uri)
+
+    @cached_property
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the workspace's base model (hashing its weights once; cached)."""
+        from training.base import fingerprint
+
+        return fingerprint(self.config.base_model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"workspace": str(self.path), "base_model": self.config.base_model, "db_url": self.db_url,
+                "tracking_uri": self.tracking_uri, "artifacts": str(self.artifact_root)}
