@@ -225,3 +225,16 @@ def test_bad_rank_reaches_the_kind(reg, data, tiny_base):
         train_domain(reg, tiny_base, "apples", data["a"], config=cfg("lora", {"alpha": 0}, 1e-2))
     with pytest.raises(BadInputError, match="bottleneck reduction factor 128 leaves no units for hidden size 64"):
         train_domain(reg, tiny_base, "apples", data["a"], config=cfg("bottleneck", {"reduction_factor": 128}, 1e-2))
+
+
+def test_load_version_checks_the_base_and_reproduces_the_metric(reg, data, tiny_base, tmp_path):
+    from tests.tiny import make_tiny_base
+    from training.load import eval_loss, eval_split, load_version
+
+    res = train_domain(reg, tiny_base, "apples", data["a"], config=cfg("qlora", {}, 1e-2, steps=4))
+    model, info, loaded = load_version(reg, "apples", tiny_base)
+    assert info.ref == "apples:1" and loaded.quantized
+    got = eval_loss(model, loaded.tokenizer, eval_split(data["a"]), max_length=48, dtype="fp32", kind="qlora")
+    assert got["loss"] == pytest.approx(res.metrics["eval_loss"], rel=1e-6)
+    with pytest.raises(IncompatibleBaseError):
+        load_version(reg, "apples:1", make_tiny_base(tmp_path / "other", seed=3))
