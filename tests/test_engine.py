@@ -273,6 +273,8 @@ def test_padding_does_not_change_results(world):
             n = alone.shape[0]
             got = out[i, :n] if side == "right" else out[i, -n:]
             torch.testing.assert_close(got, alone, atol=ATOL, rtol=0)
+    ids, mask = eng.encode(texts)
+    assert torch.equal(eng.logits(texts, routing), eng.forward(ids, mask, routing).logits)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -429,3 +431,23 @@ def test_4bit_base_mixed_batch(world, tmp_path, monkeypatch):
         ref = pm(input_ids=ids[[0, 3]], adapter_names=["a", "b"]).logits
     torch.testing.assert_close(out[[0, 3]], ref, atol=1e-4, rtol=0)
     assert len(eng.generate(["hello"], ["a"], max_new_tokens=4)) == 1
+
+
+def test_bf16_base_casts_adapters_to_compute_dtype(world):
+    model = copy.deepcopy(world["base"]).to(torch.bfloat16)
+    eng = CompositionEngine(model, world["tok"])
+    for n in ("a", "b", "p"):
+        eng.add_adapter(n, world["folders"][n])
+    layer = eng.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.dtype == torch.bfloat16 and eng._bn_sites["model.layers.0.mlp"].down.dtype == torch.bfloat16
+    ids = _ids(3, 8, seed=9)
+    routing = ["a", [("b", 0.5), ("p", 0.5)], None]  # per-row (name, weight) pairs are accepted too
+    out = eng.forward(ids, routing=routing).logits
+    assert out.dtype == torch.bfloat16
+    pm = _peft(world, ["a"])
+    pm = pm.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = pm(input_ids=ids[:1]).logits
+    torch.testing.assert_close(out[:1].float(), ref.float(), atol=0.05, rtol=0.02)
+    with torch.no_grad():
+        assert torch.equal(out[2], copy.deepcopy(world["base"]).to(torch.bfloat16)(input_ids=ids).logits[2])
