@@ -79,7 +79,7 @@ class TrainConfig:
     eval_fraction: float = 0.1
     """share of the rows held out for eval when no eval file is given"""
     eval_batch_size: int | None = None
-    """examples per eval batch; None = 2 x batch_size"""
+    """examples per eval batch; None = batch_size (so eval never peaks above training)"""
     checkpoint_every: int = 50
     """write a checkpoint every N steps (0 = never)"""
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -183,9 +183,10 @@ def token_loss_sum(model, batch: dict, dtype: str, device: str):
     with _autocast(dtype, device):
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)[:, 1:]
-    logits = logits[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+    # shift the labels, not the logits: slicing [B, L, vocab] logits would copy them (200 MB at
+    # SmolLM2's 49k vocab, batch 8 x 128); the last position's label is -100
+    labels = F.pad(batch["labels"].to(device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, int((labels != IGNORE_INDEX).sum())
 
@@ -466,7 +467,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     train_ex = tokenize_rows(dd.train, tok, cfg.max_length)
     eval_ex = tokenize_rows(dd.eval, tok, cfg.max_length)
     total = _total_steps(cfg, len(train_ex))
-    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
