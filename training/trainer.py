@@ -404,6 +404,16 @@ def _base_state(model) -> dict[str, Any]:
     return dict(model.named_parameters())
 
 
+def _log_losses(run, losses: list[float]) -> None:
+    """The loss of every step as MLflow metric history, in batches (one call per 1000 steps)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_loss", float(v), now, i) for i, v in enumerate(losses, start=1)]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
+        run.client.log_batch(run.run_id, metrics=metrics[i:i + 1000])
+
+
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
@@ -540,8 +550,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         with (tracking.run(EXPERIMENT, f"{name}-{domain}", params, tags={"plait.domain": domain, "plait.kind": kind})
               if tracking else contextlib.nullcontext()) as run:
             if run is not None:
-                for i, value in enumerate(all_losses, start=1):
-                    run.log_metrics({"train_loss": value}, step=i)
+                _log_losses(run, all_losses)
                 run.log_metrics(metrics, step=total)
                 run.log_artifacts(out, "adapter")
             info = registry.register_version(
