@@ -141,6 +141,8 @@ def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):
     assert warm.version.ref == "apples:2" and warm.version.kind == "lora"
     assert warm.version.parents == [{"ref": "apples:1", "relation": "warm-start", "weight": None}]
     assert warm.losses[0] < first.losses[0] - 0.2
+    with pytest.raises(BadInputError, match=r"a warm start keeps the shape of apples:1; leave out --rank"):
+        train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(from_ref="apples:1", rank=4))
     with pytest.raises(BadInputError, match="apples:1 is a lora adapter; warm-start it with --method lora"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", from_ref="apples:1"))
 

@@ -461,6 +461,9 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
 
     if warm:
+        if cfg.rank is not None or cfg.method_options:
+            raise BadInputError(f"a warm start keeps the shape of {warm[0].ref}; leave out --rank and --option "
+                                f"(or train a fresh adapter without --from)")
         settings = method.read_config(warm[1])
     else:
         options = dict(cfg.method_options)
