@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import BadInputError, NotFoundError, PlaitError
+from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
 from registry.names import parse_ref, validate_name
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
@@ -560,6 +560,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
                 name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint,
                 config=version_config, parents=parents, data_fingerprint=dd.fingerprint,
                 mlflow_run_id=run.run_id if run is not None else None, metrics=metrics)
+    try:  # the domain's first eval split is frozen in the registry for audits
+        registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
+    except ConflictError:
+        pass  # an earlier run froze this domain's eval set; audits keep using that one
     shutil.rmtree(ckpt, ignore_errors=True)
     model.eval()
     return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)
