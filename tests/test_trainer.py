@@ -145,6 +145,8 @@ def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):
     # the first run froze the domain's eval split; later runs keep it
     frozen = reg.get_domain_eval("apples")
     assert frozen == [{"text": r.text} for r in load_domain_data(data["a"]).eval]
+    with pytest.raises(BadInputError, match=r"adapter 'apples' is a lora adapter of domain 'apples'; a bottleneck"):
+        train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", steps=1))
     with pytest.raises(BadInputError, match=r"a warm start keeps the shape of apples:1; leave out --rank"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(from_ref="apples:1", rank=4))
     with pytest.raises(BadInputError, match="apples:1 is a lora adapter; warm-start it with --method lora"):

@@ -457,6 +457,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         warm = (warm_info, warm_path)
     kind = warm[0].kind if warm else (cfg.method or "lora")
     method = get_method(kind)
+    for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
+        if (v.kind, v.domain) != (kind, domain):
+            raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
+                                f"domain {domain!r} needs another name (--name)")
     dtype = resolve_dtype(cfg.dtype)
     lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
 
@@ -495,7 +499,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
                 or state["base_fingerprint"] != loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
-                          if run_key.get(k) != state["run_key"].get(k)) or ["data or base"]
+                          if run_key.get(k) != state["run_key"].get(k))
+            if not diff:
+                raise BadInputError(f"the checkpoint in {ckpt} was made on other data or another base; resume with "
+                                    f"the same data and base, or drop --resume")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
                                 f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
         model = method.load(loaded.model, ckpt / "adapter", trainable=True)
