@@ -340,6 +340,7 @@ class Registry:
                 return self._info(s, adapter, row)
 
         info = _with_write_retries(tx)
+        _fault("registry.after_commit")
         self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
         return info
 
