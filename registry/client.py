@@ -247,6 +247,49 @@ class Registry:
 
         return _with_write_retries(tx)
 
+    def set_domain_eval(self, domain: str, rows: list[dict[str, Any]]) -> str:
+        """Freeze a domain's evaluation set (JSONL rows) in the store; set once, then kept.
+
+        Returns:
+            the eval set's sha256. Setting it again with other rows is refused: audits compare
+            figures over time, which only means something on the same rows.
+        """
+        validate_name(domain, "domain name")
+        if not rows:
+            raise BadInputError(f"the evaluation set of domain {domain!r} is empty; give at least one row")
+        payload = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
+        with self._session() as s:  # decide before writing any byte
+            row = s.exec(select(Domain).where(Domain.name == domain)).first()
+            if row is not None and row.eval_sha256:
+                current = self.store.verify(row.eval_location, row.eval_sha256, what=f"evaluation set of {domain!r}")
+                if (current / "eval.jsonl").read_bytes() == payload:
+                    return row.eval_sha256
+                raise ConflictError(f"domain {domain!r} already has a frozen evaluation set "
+                                    f"(sha256 {row.eval_sha256[:12]}); audits keep using it")
+        stored = self.store.put({"eval.jsonl": payload})
+
+        def tx():
+            with self._session(write=True) as s:
+                row = self._domain_row(s, domain, create=True)
+                if row.eval_sha256 and row.eval_sha256 != stored.sha256:
+                    raise ConflictError(f"domain {domain!r} already has a frozen evaluation set "
+                                        f"(sha256 {row.eval_sha256[:12]}); audits keep using it")
+                row.eval_sha256, row.eval_location, row.eval_rows = stored.sha256, stored.location, len(rows)
+                s.add(row)
+                return stored.sha256
+
+        return _with_write_retries(tx)
+
+    def get_domain_eval(self, domain: str) -> list[dict[str, Any]]:
+        """A domain's frozen evaluation rows, after the file's hash check."""
+        with self._session() as s:
+            row = self._domain_row(s, domain, create=False)
+            if not row.eval_sha256:
+                raise NotFoundError(f"domain {domain!r} has no evaluation set yet; train it with plait train")
+            loc, sha = row.eval_location, row.eval_sha256
+        path = self.store.verify(loc, sha, what=f"evaluation set of domain {domain!r}")
+        return [json.loads(line) for line in (path / "eval.jsonl").read_text().splitlines() if line.strip()]
+
     def search_domains(self) -> list[dict[str, Any]]:
         """Every domain in the order it was added, with its adapters."""
         with self._session() as s:
@@ -254,7 +297,8 @@ class Registry:
             for d in s.exec(select(Domain).order_by(Domain.position)).all():
                 names = s.exec(select(Adapter.name).where(Adapter.domain_id == d.id).order_by(Adapter.name)).all()
                 out.append({"name": d.name, "position": d.position, "description": d.description,
-                            "adapters": list(names), "created_at": d.created_at.isoformat()})
+                            "adapters": list(names), "eval_sha256": d.eval_sha256, "eval_rows": d.eval_rows,
+                            "created_at": d.created_at.isoformat()})
             return out
 
     # ----------------------------------------------------------------- versions
@@ -602,6 +646,8 @@ class Registry:
                 .where(AdapterVersion.status == "ready").order_by(Adapter.name, AdapterVersion.version)).all()]
             rows += [(f"router {r.name}:{r.version}", r.location, r.sha256) for r in s.exec(
                 select(RouterVersion).where(RouterVersion.status == "ready").order_by(RouterVersion.id)).all()]
+            rows += [(f"eval set {d.name}", d.eval_location, d.eval_sha256) for d in s.exec(
+                select(Domain).where(Domain.eval_location.is_not(None)).order_by(Domain.position)).all()]
         report, checked = [], {}
         for ref, location, sha in rows:
             key = (location, sha)
@@ -640,6 +686,7 @@ class Registry:
         with self._session() as s:
             live = set(s.exec(select(AdapterVersion.location).where(AdapterVersion.status == "ready")).all())
             live |= set(s.exec(select(RouterVersion.location).where(RouterVersion.status == "ready")).all())
+            live |= set(s.exec(select(Domain.eval_location).where(Domain.eval_location.is_not(None))).all())
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():

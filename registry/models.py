@@ -29,6 +29,11 @@ class Domain(SQLModel, table=True):
     name: str = Field(index=True, unique=True, max_length=64)
     position: int = Field(index=True)
     description: str = ""
+    # the domain's frozen evaluation set (a JSONL artifact in the store), so every later
+    # audit measures the domain on exactly the rows it was first measured on
+    eval_sha256: str | None = None
+    eval_location: str | None = None
+    eval_rows: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -234,3 +234,21 @@ def test_mlflow_mirror(tmp_path, tiny_loras):
     assert len(client.search_model_versions("name='legal'")) == 2
     assert reg.sync_mlflow() == 2  # idempotent: no duplicates
     assert len(client.search_model_versions("name='legal'")) == 2
+
+
+def test_domain_eval_set_is_frozen_hash_checked_and_kept_by_gc(registry):
+    rows = [{"text": "a contract binds"}, {"prompt": "Q", "completion": "A"}]
+    sha = registry.set_domain_eval("law", rows)
+    assert registry.get_domain_eval("law") == rows
+    assert registry.set_domain_eval("law", rows) == sha  # same rows: fine
+    with pytest.raises(ConflictError, match="already has a frozen evaluation set"):
+        registry.set_domain_eval("law", [{"text": "other"}])
+    assert registry.gc(grace_s=0)["artifacts_removed"] == 0
+    assert [r["ref"] for r in registry.verify()] == ["eval set law"]
+    path = registry.store.path(registry.search_domains()[0] and
+                               next(loc for loc in registry.store.locations()))
+    f = path / "eval.jsonl"
+    _writable(f)
+    f.write_text('{"text": "tampered"}\n')
+    with pytest.raises(IntegrityError, match="evaluation set of domain 'law'"):
+        registry.get_domain_eval("law")
