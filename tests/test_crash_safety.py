@@ -80,7 +80,10 @@ def check_consistent(ws: Path) -> dict:
         for v in ready:  # no half-written version, no version pointing at a missing artifact
             _, path = reg.artifact_path(v)
             assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        tables = reg.dump()
         referenced = {v.location for v in ready}
+        referenced |= {r["location"] for r in tables["routerversion"] if r["status"] == "ready"}
+        referenced |= {r["eval_location"] for r in tables["domain"] if r.get("eval_location")}
         tmp_root = reg.store.root / ".tmp"
         found = {"versions": sorted(v.ref for v in versions),
                  "temp": sorted(p.name for p in tmp_root.iterdir()) if tmp_root.is_dir() else [],
