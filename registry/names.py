@@ -64,7 +64,10 @@ def parse_ref(text: object) -> Ref:
         raise BadInputError(f"invalid reference {text!r}: {forms}")
     if ":" in text:
         name, _, number = text.partition(":")
-        if not number.isdigit() or not number.isascii() or not 1 <= int(number) <= MAX_VERSION:
+        # one spelling per version ("3", never "03"): refs are stored and compared as text
+        # (a router's covered versions), so "legal:03" must not be a second name of legal:3
+        if (not number.isdigit() or not number.isascii() or number.startswith("0")
+                or not 1 <= int(number) <= MAX_VERSION):
             raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers "
                                 f"from 1 to {MAX_VERSION}")
         return Ref(validate_name(name, "adapter name"), version=int(number))
