@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from plait.commands import registry as registry_cmd
+from plait.commands import train as train_cmd
 from plait.commands._common import JsonOpt, WorkspaceOpt, print_json
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
          "without forgetting. A versioned registry, an incremental trainer, a router and forgetting audits.",
 )
 app.add_typer(registry_cmd.app, name="registry")
+app.command("train")(train_cmd.train)
 
 
 @app.callback()
