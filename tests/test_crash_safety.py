@@ -284,3 +284,126 @@ def test_kill_after_commit_is_mirrored_by_sync(tmp_path, tiny_base, tiny_loras, 
     r = plait("registry", "sync-mlflow", "--workspace", ws)
     assert r.returncode == 0 and "mirrored 1 version(s)" in r.stdout, r.stderr
     assert [m.tags["plait_ref"] for m in client.search_model_versions("name='legal'")] == ["legal:1"]
+
+
+# ----------------------------------------------------------------- plait train
+TRAIN_STEPS = 90  # the trainer checkpoints every 50 steps: one checkpoint, then 40 more steps
+
+
+def _train_args(ws: Path, data: Path, *extra) -> list:
+    return ["train", "law", "--data", data, "--steps", TRAIN_STEPS, "--max-length", 32, "--batch-size", 2,
+            "--lr", 0.01, "--dtype", "fp32", "--json", *extra, "--workspace", ws]
+
+
+@pytest.fixture
+def train_data(tmp_path) -> Path:
+    path = tmp_path / "law.jsonl"
+    path.write_text("".join(json.dumps({"text": f"law report {i}: the court ruled and the law desk was busy."}) + "\n"
+                            for i in range(40)))
+    return path
+
+
+def _kill_after_first_checkpoint(ws: Path, data: Path) -> dict:
+    """Start `plait train`, SIGKILL it the moment its first checkpoint is in place; returns that checkpoint's state."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PLAIT_FAULT_POINT", None)
+    state_file = ws / "checkpoints" / "law" / "trainer_state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "plait.cli", *map(str, _train_args(ws, data))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]  # killed mid-training, not finished
+    return json.loads(state_file.read_text())
+
+
+# long (three training processes): SQLite in the default run, PostgreSQL with `make test-slow`
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])],
+                         indirect=True)
+def test_train_killed_mid_training_and_before_commit_resumes(crash_ws, train_data):
+    """`plait train` killed (1) during training right after its checkpoint, (2) on resume, between the
+    artifact and the commit; each time the registry is clean, and `--resume` finishes the run."""
+    ws = crash_ws
+    reg = open_registry(ws)
+    before = reg.dump()
+    reg.close()
+
+    state = _kill_after_first_checkpoint(ws, train_data)
+    assert state["step"] == 50 and len(state["losses"]) == 50
+    reg = open_registry(ws)
+    assert reg.dump() == before  # nothing registered, no half version
+    reg.close()
+    assert check_consistent(ws)["versions"] == ["legal:1"]
+
+    killed = plait(*_train_args(ws, train_data, "--resume"), fault="registry.before_commit", timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    found = check_consistent(ws)
+    assert found["versions"] == ["legal:1"] and len(found["orphans"]) == 1  # the artifact, never committed
+    assert (ws / "checkpoints" / "law" / "trainer_state.json").is_file()  # the checkpoint survives for --resume
+
+    done = plait(*_train_args(ws, train_data, "--resume"), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["ref"] == "law:1" and summary["steps"] == TRAIN_STEPS
+    assert summary["first_loss"] == state["losses"][0]  # the loss history continues the killed run's
+    assert not (ws / "checkpoints" / "law").exists()  # removed once the version is registered
+    found = check_consistent(ws)
+    assert found["versions"] == ["law:1", "legal:1"] and found["orphans"] == [] and found["temp"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["store.write", "store.before_rename", "registry.before_commit",
+                                   "registry.after_commit"])
+def test_train_killed_at_each_store_point_resumes_bit_exact(crash_ws, train_data, tmp_path, point):
+    """Killed mid-training and again at a store/commit fault point, the resumed run registers the
+    same adapter an uninterrupted run registers: bit-equal weights, equal config.
+
+    (Not the same sha256: peft writes `target_modules` from a set, so adapter_config.json lists
+    them in a per-process hash order; see docs/reliability.md.)"""
+    ws = crash_ws
+    ref_ws = tmp_path / "reference"
+    assert main(["init", "--workspace", str(ref_ws), "--base-model", str(open_registry_base(ws)),
+                 "--tracking-uri", "none"]) == 0
+    uninterrupted = plait(*_train_args(ref_ws, train_data), timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    expected = json.loads(uninterrupted.stdout)
+
+    _kill_after_first_checkpoint(ws, train_data)
+    check_consistent(ws)
+    killed = plait(*_train_args(ws, train_data, "--resume"), fault=point, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    found = check_consistent(ws)
+    committed = point == "registry.after_commit"
+    assert ("law:1" in found["versions"]) == committed
+    if not committed:
+        done = plait(*_train_args(ws, train_data, "--resume"), timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    reg, ref_reg = open_registry(ws), open_registry(ref_ws)
+    _, got = reg.artifact_path("law:1")
+    _, want = ref_reg.artifact_path("law:1")
+    assert_same_adapter(got, want)
+    reg.close()
+    ref_reg.close()
+    check_consistent(ws)
+
+
+def assert_same_adapter(got: Path, want: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(got / "adapter_model.safetensors")), load_file(str(want / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    def canonical(cfg):
+        return {k: sorted(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+    assert canonical(json.loads((got / "adapter_config.json").read_text())) == \
+        canonical(json.loads((want / "adapter_config.json").read_text()))
+
+
+def open_registry_base(ws: Path) -> str:
+    from plait.workspace import Workspace
+
+    return Workspace(ws).config.base_model
