@@ -112,12 +112,21 @@ def check_refusals(capsys, ws: Path, cases, db_url: str | None = None) -> None:
     for args, message in cases:
         before = snapshot(ws, db_url)
         code, out, err = run_cli(capsys, [*args, "--workspace", ws])
+        err = without_progress_bars(err)
         one_line = err.count("\n") == 1 and err.endswith("\n")
         if code != 2 or not one_line or not err.startswith("error: " + message) or out:
             problems.append(f"{args!r}: exit {code}, stdout {out!r}, stderr {err!r} (wanted 'error: {message}...')")
         if snapshot(ws, db_url) != before:
             problems.append(f"{args!r}: stored state changed")
     assert problems == [], "\n".join(problems)
+
+
+def without_progress_bars(err: str) -> str:
+    """stderr without transformers' "Loading weights" progress bar, which `plait train` shows while
+    loading the base (refusals that need the loaded model, e.g. a bottleneck site, come after it)."""
+    lines = [line for line in err.replace("\r", "\n").split("\n")
+             if line.strip() and not line.lstrip().startswith("Loading weights")]
+    return "".join(line + "\n" for line in lines)
 
 
 BAD_NAMES = ["../evil", "..", ".", "a/b", "/abs", "a b", " lead", "tab\there", "new\nline", "nul\x00", "esc\x1b[31m",
@@ -352,3 +361,83 @@ def test_refusal_is_one_line_on_real_stderr(bad_ws):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == ["error: invalid adapter name '../../etc': use 1-64 letters, digits, '.', '_' or "
                                      "'-', starting with a letter or digit (no '/', '..', spaces or control characters)"]
+
+
+# ----------------------------------------------------------------- plait train: data and options
+def _train(data, *extra):
+    return ["train", "law", "--data", data, "--steps", 2, "--max-length", 32, "--batch-size", 2, "--dtype", "fp32",
+            *extra]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_bad_training_data_and_options(bad_ws, capsys, tmp_path):
+    """Each bad data file or option: one line naming the file:line or value, exit 2, nothing stored,
+    no checkpoint left behind."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"the court ruled on case {i}"}) + "\n" for i in range(8)))
+
+    def data(name: str, content: bytes) -> Path:
+        p = tmp_path / name
+        p.write_bytes(content)
+        return p
+
+    malformed = data("malformed.jsonl", b'{"text": "fine"}\n{"text": "fine"}\n{"text": "broken\n')
+    empty = data("empty.jsonl", b"")
+    blank = data("blank.jsonl", b"\n\n   \n")
+    no_field = data("nofield.jsonl", b'{"text": "fine"}\n{"body": "where is text?"}\n')
+    half_pair = data("halfpair.jsonl", b'{"prompt": "q?"}\n')
+    latin1 = data("latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    huge = data("huge.jsonl", b'{"text": "' + b"x" * (10 * 1024 * 1024) + b'"}\n')
+    not_obj = data("list.jsonl", b'["text", "x"]\n')
+    wrong_type = data("int.jsonl", b'{"text": 42}\n')
+    unknown_ext = data("data.xml", b"<rows/>")
+    bad_csv = data("bad.csv", b"body\nhello\n")
+    check_refusals(capsys, bad_ws, [
+        (_train(malformed), f'{malformed}:3: not valid JSON'),
+        (_train(empty), f"{empty} holds no rows"),
+        (_train(blank), f"{blank} holds no rows"),
+        (_train(no_field), f'{no_field}:2: the row has no "text" or "prompt" + "completion" field (fields: body)'),
+        (_train(half_pair), f'{half_pair}:1: "completion" must be a string (missing)'),
+        (_train(latin1), f"{latin1}:2: not UTF-8 (byte 0xe9 at column 14)"),
+        (_train(huge), f"{huge}:1: the row is 10,485,773 bytes, over the 1,000,000-byte limit"),
+        (_train(not_obj), f'{not_obj}:1: expected an object with "text"'),
+        (_train(wrong_type), f'{wrong_type}:1: "text" must be a string, got int'),
+        (_train(unknown_ext), f"{unknown_ext}: unknown data format '.xml'"),
+        (_train(bad_csv), f'{bad_csv}:1: the CSV header (body) has no "text" column'),
+        (_train(tmp_path / "missing.jsonl"), f"data {tmp_path / 'missing.jsonl'} does not exist"),
+        (_train(good, "--rank", -1), "rank -1 is invalid: use a whole number >= 1"),
+        (_train(good, "--rank", 0), "rank 0 is invalid: use a whole number >= 1"),
+        (["train", "law", "--data", good, "--steps", 0], "steps 0 is invalid: use a whole number >= 1"),
+        (["train", "law", "--data", good, "--steps", -3], "steps -3 is invalid"),
+        (["train", "law", "--data", good, "--epochs", 0], "epochs 0.0 is invalid: use a number > 0"),
+        (_train(good, "--lr", 5), "learning rate 5.0 is invalid"),
+        (_train(good, "--batch-size", 0), "batch size 0 is invalid"),
+        (_train(good, "--name", "../../etc"), "invalid adapter name '../../etc'"),
+        (["train", "../law", "--data", good], "invalid domain name '../law'"),
+        (_train(good, "--from", "legal:03"), "invalid version '03'"),
+        (_train(good, "--method", "bottleneck", "-o", "layers_path=transformer.h"),
+         "LlamaForCausalLM has no module 'transformer.h' holding its blocks; set layers_path"),
+        (_train(good, "--method", "bottleneck", "-o", 'sites={"mlp": "ffn"}'),
+         "module model.layers.0.ffn does not exist in this architecture"),
+        (_train(good, "--method", "bottleneck", "-o", "placement=sideways"),
+         "bottleneck placement 'sideways' is invalid: use pfeiffer or houlsby"),
+    ])
+    assert not (bad_ws / "checkpoints").exists() or list((bad_ws / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_warm_start_from_an_adapter_of_another_base_is_refused(bad_ws, capsys, tmp_path, tiny_loras):
+    """`plait train --from` on a version trained on another base: exit 2 naming both fingerprints."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"the court ruled on case {i}"}) + "\n" for i in range(8)))
+    from plait.workspace import Workspace
+
+    ws = Workspace(bad_ws)
+    ws_fp = ws.base_fingerprint
+    ws.registry.register_version("foreign", domain="law", kind="lora", files=tiny_loras[3], base_fingerprint=FP)
+    ws.registry.close()
+    check_refusals(capsys, bad_ws, [
+        (_train(good, "--from", "foreign:1"),
+         f"adapter foreign:1 was trained on base {FP[:23]}…, but the loaded base is {ws_fp[:23]}…; "
+         f"load it on its own base or train a new version on this one"),
+    ])

@@ -214,3 +214,31 @@ class RegistryModel(RuleBasedStateMachine):
 TestRegistryModel = RegistryModel.TestCase
 TestRegistryModel.settings = settings(max_examples=25, stateful_step_count=15, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------- data rows
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=3), max_leaves=6)
+row_objects = st.dictionaries(st.sampled_from(["text", "prompt", "completion", "other"]), json_values, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(row_objects.map(lambda o: __import__("json").dumps(o).encode()),
+                                st.binary(max_size=30)), min_size=0, max_size=6))
+def test_data_rows_load_or_fail_with_one_line_naming_the_place(tmp_path_factory, lines):
+    """Any JSONL file either loads into rows that carry their file:line, or is refused with one
+    line that names the file (and, for a bad row, the line)."""
+    from training.data import Row, read_rows
+
+    path = tmp_path_factory.mktemp("rows") / "data.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    try:
+        rows = read_rows(path)
+    except BadInputError as e:
+        message = str(e)
+        assert "\n" not in message and message.startswith(str(path)), message
+        return
+    assert rows and all(isinstance(r, Row) and r.where.startswith(f"{path}:") for r in rows)
+    for r in rows:
+        assert (r.text is not None and r.text.strip()) or (isinstance(r.prompt, str) and r.completion.strip())
