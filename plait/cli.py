@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 from plait.commands import registry as registry_cmd
+from plait.commands import audit as audit_cmd
+from plait.commands import route as route_cmd
 from plait.commands import train as train_cmd
 from plait.commands._common import JsonOpt, WorkspaceOpt, print_json
 
@@ -27,6 +29,9 @@ app = typer.Typer(
 )
 app.add_typer(registry_cmd.app, name="registry")
 app.command("train")(train_cmd.train)
+app.command("route")(route_cmd.route)
+app.command("generate")(route_cmd.generate)
+app.command("audit")(audit_cmd.audit)
 
 
 @app.callback()

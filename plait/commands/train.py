@@ -64,20 +64,27 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Seed of init, data order and dropout.")] = 0,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Adapter option KEY=VALUE, repeatable (e.g. placement=houlsby, alpha=32).")] = None,
+    audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Run the forgetting audit afterwards.")] = True,
     json_: JsonOpt = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Train a new adapter for DOMAIN on the workspace's base, evaluate it and register it."""
-    from training.trainer import TrainConfig, train_domain
+    """Train a new adapter for DOMAIN, register it, update the router, then audit forgetting.
+
+    Nothing learned before is touched: earlier adapters and the base stay bit-identical.
+    """
+    from plait.continual import add_domain
+    from training.trainer import TrainConfig
 
     ws = open_workspace(workspace)
     config = TrainConfig(
         method=method.value if method else None, name=name, steps=steps, epochs=epochs, batch_size=batch_size,
         max_length=max_length, lr=lr, rank=rank, dtype=dtype.value, from_ref=from_ref, resume=resume, seed=seed,
         method_options=_options(option or []), progress=not json_)
-    result = train_domain(ws.registry, ws.config.base_model, domain, data, eval_, config)
+    added = add_domain(ws, domain, data, eval_, config, audit=audit,
+                       audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")})
     if json_:
-        return print_json(result.summary())
+        return print_json(added.summary())
+    result = added.train
     m, v = result.metrics, result.version
     c = console()
     c.print(f"[bold green]registered {v.ref}[/bold green]  ({v.kind}, domain {v.domain}, {result.steps} steps)")
@@ -87,6 +94,12 @@ def train(
             ("eval loss", f"{m['eval_loss']:.4f}  (base {m['base_eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f})"),
             ("speed", f"{m['train_tokens_per_s']:.0f} tokens/s"), ("peak RSS", f"{m['peak_rss_mb']:.0f} MB"),
             ("trainable", f"{int(m['trainable_params']):,} parameters"),
-            ("mlflow run", result.mlflow_run_id or "-")]
+            ("mlflow run", result.mlflow_run_id or "-"),
+            ("router", f"{added.router.ref} covering {len(added.router.covers)} domain(s), held-out accuracy "
+                       f"{added.router.metrics['heldout']['accuracy']:.1%}")]
     for label, value in rows:
         c.print(f"  {label:<11} {value}")
+    if added.audit is not None:
+        from plait.commands.audit import print_audit
+
+        print_audit(added.audit)
