@@ -748,9 +748,14 @@ class Registry:
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():
-            if loc not in live and now - self.store.path(loc).stat().st_mtime >= grace_s:
-                freed += self.store.remove(loc)
-                removed += 1
+            if loc in live:
+                continue
+            try:
+                if now - self.store.path(loc).stat().st_mtime >= grace_s:
+                    freed += self.store.remove(loc)
+                    removed += 1
+            except FileNotFoundError:  # another gc (another process) removed it first
+                continue
         return {"artifacts_removed": removed, "bytes_freed": freed,
                 "temp_removed": self.store.remove_stale_temp(grace_s)}
 

@@ -11,6 +11,7 @@ is checked against the one the caller expects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -179,8 +180,9 @@ class ArtifactStore:
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.rename(p, trash)
         _fault("store.remove")
-        _make_writable(trash)
-        shutil.rmtree(trash)
+        with contextlib.suppress(FileNotFoundError):  # a concurrent gc's temp sweep may get there first
+            _make_writable(trash)
+        shutil.rmtree(trash, ignore_errors=True)  # anything left is a temp folder the next gc removes
 
     def remove_stale_temp(self, older_than_s: float = 600.0) -> int:
         """Delete temp folders left by crashed writers; returns how many."""
@@ -189,8 +191,12 @@ class ArtifactStore:
             return 0
         now, removed = time.time(), 0
         for d in tmp_root.iterdir():
-            if now - d.stat().st_mtime >= older_than_s:
+            try:  # another gc may be deleting the same folders: what vanished is done
+                if now - d.stat().st_mtime < older_than_s:
+                    continue
                 _make_writable(d)
-                shutil.rmtree(d, ignore_errors=True)
-                removed += 1
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
         return removed

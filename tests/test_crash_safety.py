@@ -209,6 +209,41 @@ def test_gc_does_not_collect_content_a_writer_is_about_to_reference(tmp_path, ti
     assert all(r["ok"] for r in reg.verify())
 
 
+GC_SCRIPT = """
+import sys
+from pathlib import Path
+from registry.client import Registry
+print(Registry(sys.argv[1], Path(sys.argv[2])).gc(grace_s=0))
+"""
+
+
+def test_concurrent_gc_processes_do_not_trip_on_each_other(tmp_path):
+    """Three `gc` processes sweeping the same leftovers at once all succeed and leave nothing.
+
+    They used to fail with FileNotFoundError (exit 1) when one removed a folder another had
+    just listed."""
+    from registry.client import Registry
+
+    url, root = f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "artifacts"
+    reg = Registry(url, root)
+    keep = reg.register_version("a", domain="d", kind="lora", base_fingerprint="sha256:x",
+                                files={"adapter_config.json": b"{}", "adapter_model.safetensors": b"live"})
+    for i in range(300):  # temp folders of crashed writers
+        d = root / ".tmp" / f"crashed-{i}"
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x" * 512)
+    for i in range(100):  # artifacts no version references
+        reg.store.put({"adapter_model.safetensors": f"orphan {i}".encode()})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", GC_SCRIPT, url, str(root)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err.decode()[-1500:] for _, err in results]
+    assert reg.store.locations() == [keep.location] and list((root / ".tmp").iterdir()) == []
+    assert all(r["ok"] for r in reg.verify())
+    reg.close()
+
+
 def _big_peft(src: Path, out: Path, megabytes: int) -> Path:
     """A PEFT folder whose weights file is large, so a random kill often lands mid-write."""
     import numpy as np
