@@ -350,6 +350,15 @@ def test_adapter_for_another_base_is_refused(tmp_path, bad_ws, capsys, tiny_lora
     assert err.value.exit_code == 2 and "\n" not in message
     assert message.startswith("adapter legal:1 was trained on base sha256:") and info.base_fingerprint[:23] in message
     assert other_fp[:23] in message and "load it on its own base or train a new version on this one" in message
+
+    # the load path every consumer uses (router, engine, audit): refused on the other base,
+    # accepted on its own
+    from training.load import load_version
+
+    with pytest.raises(IncompatibleBaseError, match="adapter legal:1 was trained on base"):
+        load_version(ws.registry, "legal:1", other)
+    model, loaded_info, _ = load_version(ws.registry, "legal:1", ws.config.base_model)
+    assert loaded_info.ref == "legal:1" and model is not None
     ws.registry.close()
 
 
