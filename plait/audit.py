@@ -162,7 +162,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
-    all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"]]
+    all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]
     if domains:
         unknown = [d for d in domains if d not in all_domains]
         if unknown:

@@ -58,7 +58,7 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
     data = write_bbc_jsonl(ws.path / "data", settings.n_train, settings.n_eval, settings.max_chars, settings.domains)
     c.print(f"data: {len(settings.domains)} domains x {settings.n_train} training + {settings.n_eval} held-out "
             f"articles, written to {ws.path / 'data'}")
-    done = {d["name"] for d in ws.registry.search_domains() if d["eval_sha256"]}
+    done = {d["name"] for d in ws.registry.search_domains() if d["eval_sha256"]} & set(settings.domains)
     audit = None
     for i, (domain, kind) in enumerate(zip(settings.domains, KINDS)):
         train_path, eval_path = data[domain]
