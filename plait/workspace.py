@@ -36,11 +36,20 @@ class WorkspaceConfig:
     """SQLAlchemy URL of the registry; empty means `registry.db` in the workspace."""
     tracking_uri: str = ""
     """MLflow tracking URI; empty means `mlflow.db` in the workspace, `none` turns MLflow off."""
+    router: str = ""
+    """Router kind the continual loop keeps up to date; empty means the default (embedding)."""
+
+    def __post_init__(self):
+        for key in self.__dataclass_fields__:
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise BadInputError(f"setting {key} = {value!r} in {CONFIG_FILE} must be a string, e.g. "
+                                    f"{key} = \"...\"; fix it or re-create the workspace with `plait init`")
 
     def to_toml(self) -> str:
         lines = ["# plait workspace settings (see `plait init --help`)"]
         for key, value in (("base_model", self.base_model), ("db_url", self.db_url),
-                           ("tracking_uri", self.tracking_uri)):
+                           ("tracking_uri", self.tracking_uri), ("router", self.router)):
             lines.append(f"{key} = {json.dumps(value)}")  # JSON strings are valid TOML basic strings
         return "\n".join(lines) + "\n"
 
@@ -90,14 +99,19 @@ class Workspace:
             if existing.config != config:
                 raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
                                     f"edit {cfg_file} or choose another --workspace")
+            existing.registry  # noqa: B018 - a damaged database is reported now, not "ready"
             return existing
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
         tmp = cfg_file.with_suffix(".tmp")
         tmp.write_text(config.to_toml())
         os.replace(tmp, cfg_file)
-        ws = cls(root)
-        ws.registry  # noqa: B018 - creates the database schema now, not on first use
+        try:
+            ws = cls(root)
+            ws.registry  # noqa: B018 - creates the database schema now, not on first use
+        except BaseException:
+            cfg_file.unlink()  # a bad --db leaves no half-made workspace behind to trip the next command
+            raise
         return ws
 
     # ----------------------------------------------------------------- settings
@@ -120,6 +134,41 @@ class Workspace:
     def registry(self) -> Registry:
         """The workspace's registry (opened on first use)."""
         return Registry(self.db_url, self.artifact_root, tracking_uri=self.tracking_uri)
+
+    @property
+    def router_kind(self) -> str:
+        from routing.routers import DEFAULT_ROUTER
+
+        return self.config.router or DEFAULT_ROUTER
+
+    @cached_property
+    def routed_model(self):
+        """The base with the router and adapters (`plait.service.RoutedModel`), loaded on first use."""
+        from plait.service import RoutedModel
+
+        return RoutedModel(self)
+
+    def add_domain(self, domain: str, data, eval_data=None, *, audit: bool = True, **train_options):
+        """Train a new domain and fold it into the system (see `plait.continual.add_domain`).
+
+        Args:
+            train_options: `training.trainer.TrainConfig` fields (method, steps, rank, ...).
+        """
+        from plait.continual import add_domain
+        from training.trainer import TrainConfig
+
+        result = add_domain(self, domain, data, eval_data, TrainConfig(**train_options), audit=audit)
+        if "routed_model" in self.__dict__:
+            self.routed_model.refresh()
+        return result
+
+    def route(self, texts: list[str], top_k: int = 1) -> list[dict]:
+        """Per input: {domain, adapters [{ref, domain, weight}], scores, confidence}."""
+        return [s.to_dict() for s in self.routed_model.route(list(texts), top_k=top_k)]
+
+    def generate(self, texts: list[str], model: str = "auto", **options) -> list[dict]:
+        """Generate for every input in one mixed-adapter batch: {text, model, domain, adapters}."""
+        return [{"text": text, **s.to_dict()} for text, s in self.routed_model.generate(list(texts), model, **options)]
 
     @cached_property
     def base_fingerprint(self) -> str:

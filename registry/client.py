@@ -10,6 +10,7 @@ a crash between the two leaves an unreferenced artifact that `gc` removes.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -141,6 +142,13 @@ def _with_write_retries(fn):
     raise AssertionError("unreachable")
 
 
+def _validate_filters(**filters: str | None) -> None:
+    """Search filters are names: an invalid one is a typo to report, not an empty result."""
+    for what, value in filters.items():
+        if value:
+            validate_name(value, f"{what} filter")
+
+
 class Registry:
     """The system of record for adapter versions, routers and audits.
 
@@ -247,48 +255,58 @@ class Registry:
 
         return _with_write_retries(tx)
 
-    def set_domain_eval(self, domain: str, rows: list[dict[str, Any]]) -> str:
-        """Freeze a domain's evaluation set (JSONL rows) in the store; set once, then kept.
+    def set_domain_rows(self, domain: str, split: str, rows: list[dict[str, Any]]) -> str:
+        """Freeze a domain's `eval` (or `train`) rows as a JSONL artifact; set once, then kept.
 
         Returns:
-            the eval set's sha256. Setting it again with other rows is refused: audits compare
+            the rows' sha256. Setting them again with other rows is refused: audits compare
             figures over time, which only means something on the same rows.
         """
         validate_name(domain, "domain name")
+        if split not in ("eval", "train"):
+            raise BadInputError(f"unknown split {split!r}: use eval or train")
         if not rows:
-            raise BadInputError(f"the evaluation set of domain {domain!r} is empty; give at least one row")
+            raise BadInputError(f"the {split} set of domain {domain!r} is empty; give at least one row")
         payload = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
         with self._session() as s:  # decide before writing any byte
             row = s.exec(select(Domain).where(Domain.name == domain)).first()
-            if row is not None and row.eval_sha256:
-                current = self.store.verify(row.eval_location, row.eval_sha256, what=f"evaluation set of {domain!r}")
-                if (current / "eval.jsonl").read_bytes() == payload:
-                    return row.eval_sha256
-                raise ConflictError(f"domain {domain!r} already has a frozen evaluation set "
-                                    f"(sha256 {row.eval_sha256[:12]}); audits keep using it")
-        stored = self.store.put({"eval.jsonl": payload})
+            if row is not None and getattr(row, f"{split}_sha256"):
+                sha, loc = getattr(row, f"{split}_sha256"), getattr(row, f"{split}_location")
+                current = self.store.verify(loc, sha, what=f"{split} set of domain {domain!r}")
+                if (current / f"{split}.jsonl").read_bytes() == payload:
+                    return sha
+                raise ConflictError(f"domain {domain!r} already has a frozen {split} set (sha256 {sha[:12]}); "
+                                    f"audits keep using it")
+        stored = self.store.put({f"{split}.jsonl": payload})
 
         def tx():
             with self._session(write=True) as s:
                 row = self._domain_row(s, domain, create=True)
-                if row.eval_sha256 and row.eval_sha256 != stored.sha256:
-                    raise ConflictError(f"domain {domain!r} already has a frozen evaluation set "
-                                        f"(sha256 {row.eval_sha256[:12]}); audits keep using it")
-                row.eval_sha256, row.eval_location, row.eval_rows = stored.sha256, stored.location, len(rows)
+                setattr(row, f"{split}_sha256", stored.sha256)
+                setattr(row, f"{split}_location", stored.location)
+                setattr(row, f"{split}_rows", len(rows))
                 s.add(row)
                 return stored.sha256
 
         return _with_write_retries(tx)
 
-    def get_domain_eval(self, domain: str) -> list[dict[str, Any]]:
-        """A domain's frozen evaluation rows, after the file's hash check."""
+    def get_domain_rows(self, domain: str, split: str = "eval") -> list[dict[str, Any]]:
+        """A domain's frozen `eval` (or `train`) rows, after the file's hash check."""
+        if split not in ("eval", "train"):
+            raise BadInputError(f"unknown split {split!r}: use eval or train")
         with self._session() as s:
             row = self._domain_row(s, domain, create=False)
-            if not row.eval_sha256:
-                raise NotFoundError(f"domain {domain!r} has no evaluation set yet; train it with plait train")
-            loc, sha = row.eval_location, row.eval_sha256
-        path = self.store.verify(loc, sha, what=f"evaluation set of domain {domain!r}")
-        return [json.loads(line) for line in (path / "eval.jsonl").read_text().splitlines() if line.strip()]
+            sha, loc = getattr(row, f"{split}_sha256"), getattr(row, f"{split}_location")
+            if not sha:
+                raise NotFoundError(f"domain {domain!r} has no {split} set yet; train it with plait train")
+        path = self.store.verify(loc, sha, what=f"{split} set of domain {domain!r}")
+        return [json.loads(line) for line in (path / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+
+    def set_domain_eval(self, domain: str, rows: list[dict[str, Any]]) -> str:
+        return self.set_domain_rows(domain, "eval", rows)
+
+    def get_domain_eval(self, domain: str) -> list[dict[str, Any]]:
+        return self.get_domain_rows(domain, "eval")
 
     def search_domains(self) -> list[dict[str, Any]]:
         """Every domain in the order it was added, with its adapters."""
@@ -384,6 +402,7 @@ class Registry:
                 return self._info(s, adapter, row)
 
         info = _with_write_retries(tx)
+        _fault("registry.after_commit")
         self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
         return info
 
@@ -401,6 +420,7 @@ class Registry:
             base: base fingerprint (a prefix is enough).
             metric: keep versions that have this metric (within min_value/max_value if given).
         """
+        _validate_filters(name=name, domain=domain, kind=kind)
         with self._session() as s:
             q = select(Adapter, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
             if name:
@@ -425,6 +445,7 @@ class Registry:
 
     def search_adapters(self, domain: str | None = None, kind: str | None = None) -> list[AdapterSummary]:
         """One summary per adapter (version count, newest version, aliases), by name."""
+        _validate_filters(domain=domain, kind=kind)
         with self._session() as s:
             q = select(Adapter, Domain.name).join(Domain, Domain.id == Adapter.domain_id)
             if domain:
@@ -517,6 +538,8 @@ class Registry:
 
     def rollback_alias(self, name: str, alias: str) -> VersionInfo:
         """Move `alias` back to the version it pointed at before its latest move."""
+        validate_name(name, "adapter name")
+        validate_name(alias, "alias")
         with self._session() as s:
             adapter = self._adapter_row(s, name)
             last = s.exec(select(AliasEvent).where(AliasEvent.adapter_id == adapter.id, AliasEvent.alias == alias)
@@ -559,6 +582,34 @@ class Registry:
 
         _with_write_retries(tx)
 
+    def log_audit_metrics(self, audit_id: int, rows: list[dict[str, Any]]) -> None:
+        """Record an audit's figures in one transaction.
+
+        Args:
+            rows: {"ref", "eval_domain", "name", "value", "stage"} each.
+        """
+        def tx():
+            with self._session(write=True) as s:
+                ids: dict[str, int] = {}
+                for r in rows:
+                    if r["ref"] not in ids:
+                        ids[r["ref"]] = self._resolve_row(s, r["ref"])[1].id
+                    s.add(Metric(version_id=ids[r["ref"]], eval_domain=r["eval_domain"], name=r["name"],
+                                 value=float(r["value"]), audit_id=audit_id, stage=r.get("stage")))
+
+        _with_write_retries(tx)
+
+    def search_audit_metrics(self, name_prefix: str = "") -> list[dict[str, Any]]:
+        """Every audit figure whose name starts with `name_prefix`, oldest first."""
+        with self._session() as s:
+            q = select(Metric, AdapterVersion.version, Adapter.name).join(
+                AdapterVersion, AdapterVersion.id == Metric.version_id).join(
+                Adapter, Adapter.id == AdapterVersion.adapter_id).where(Metric.audit_id.is_not(None))
+            if name_prefix:
+                q = q.where(Metric.name.startswith(name_prefix))
+            return [{"ref": f"{a}:{v}", "name": m.name, "value": m.value, "eval_domain": m.eval_domain,
+                     "audit_id": m.audit_id, "stage": m.stage} for m, v, a in s.exec(q.order_by(Metric.id)).all()]
+
     def get_metrics(self, ref: str, audit_id: int | None = None) -> list[dict[str, Any]]:
         """Every metric of a version, oldest first."""
         with self._session() as s:
@@ -567,7 +618,8 @@ class Registry:
             if audit_id is not None:
                 q = q.where(Metric.audit_id == audit_id)
             return [{"name": m.name, "value": m.value, "eval_domain": m.eval_domain, "audit_id": m.audit_id,
-                     "created_at": m.created_at.isoformat()} for m in s.exec(q.order_by(Metric.id)).all()]
+                     "stage": m.stage, "created_at": m.created_at.isoformat()}
+                    for m in s.exec(q.order_by(Metric.id)).all()]
 
     # ----------------------------------------------------------------- artifacts
     def artifact_path(self, ref: str | VersionInfo) -> tuple[VersionInfo, Path]:
@@ -625,7 +677,10 @@ class Registry:
         out_dir = Path(out_dir)
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise BadInputError(f"{out_dir} exists and is not an empty directory; choose a new folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"cannot create the export folder {out_dir} ({e.strerror}); choose a writable path") from None
         for f in sorted(path.rglob("*")):
             if f.is_file():
                 dest = out_dir / f.relative_to(path)
@@ -645,8 +700,9 @@ class Registry:
                 .where(AdapterVersion.status == "ready").order_by(Adapter.name, AdapterVersion.version)).all()]
             rows += [(f"router {r.name}:{r.version}", r.location, r.sha256) for r in s.exec(
                 select(RouterVersion).where(RouterVersion.status == "ready").order_by(RouterVersion.id)).all()]
-            rows += [(f"eval set {d.name}", d.eval_location, d.eval_sha256) for d in s.exec(
-                select(Domain).where(Domain.eval_location.is_not(None)).order_by(Domain.position)).all()]
+            for d in s.exec(select(Domain).order_by(Domain.position)).all():
+                rows += [(f"{split} set {d.name}", getattr(d, f"{split}_location"), getattr(d, f"{split}_sha256"))
+                         for split in ("eval", "train") if getattr(d, f"{split}_location")]
         report, checked = [], {}
         for ref, location, sha in rows:
             key = (location, sha)
@@ -682,16 +738,24 @@ class Registry:
             grace_s: keep anything younger than this, so a writer between storing its
                 artifact and committing its version never loses the files.
         """
+        if not isinstance(grace_s, (int, float)) or not math.isfinite(grace_s) or grace_s < 0:
+            raise BadInputError(f"invalid gc grace period {grace_s!r}: give a number of seconds >= 0")
         with self._session() as s:
             live = set(s.exec(select(AdapterVersion.location).where(AdapterVersion.status == "ready")).all())
             live |= set(s.exec(select(RouterVersion.location).where(RouterVersion.status == "ready")).all())
             live |= set(s.exec(select(Domain.eval_location).where(Domain.eval_location.is_not(None))).all())
+            live |= set(s.exec(select(Domain.train_location).where(Domain.train_location.is_not(None))).all())
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():
-            if loc not in live and now - self.store.path(loc).stat().st_mtime >= grace_s:
-                freed += self.store.remove(loc)
-                removed += 1
+            if loc in live:
+                continue
+            try:
+                if now - self.store.path(loc).stat().st_mtime >= grace_s:
+                    freed += self.store.remove(loc)
+                    removed += 1
+            except FileNotFoundError:  # another gc (another process) removed it first
+                continue
         return {"artifacts_removed": removed, "bytes_freed": freed,
                 "temp_removed": self.store.remove_stale_temp(grace_s)}
 
@@ -723,6 +787,12 @@ class Registry:
     def _router_info(row: RouterVersion) -> RouterInfo:
         return RouterInfo(row.id, row.name, row.version, row.kind, row.sha256, row.size_bytes, row.location,
                           json.loads(row.covers_json), json.loads(row.metrics_json), row.status, row.created_at)
+
+    def search_router_versions(self, name: str) -> list[RouterInfo]:
+        """Every version of router `name`, oldest first."""
+        with self._session() as s:
+            rows = s.exec(select(RouterVersion).where(RouterVersion.name == name).order_by(RouterVersion.version)).all()
+            return [self._router_info(r) for r in rows]
 
     def get_router(self, name: str, version: int | None = None) -> RouterInfo:
         """A router version (the newest when `version` is None)."""

@@ -34,6 +34,10 @@ class Domain(SQLModel, table=True):
     eval_sha256: str | None = None
     eval_location: str | None = None
     eval_rows: int | None = None
+    # its first training rows, kept so baselines (sequential fine-tuning) can be rebuilt later
+    train_sha256: str | None = None
+    train_location: str | None = None
+    train_rows: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -109,6 +113,7 @@ class Metric(SQLModel, table=True):
     name: str = Field(index=True, max_length=128)
     value: float
     audit_id: int | None = Field(default=None, foreign_key="audit.id", index=True)
+    stage: int | None = Field(default=None, index=True)  # continual stage (domains seen - 1) of an audit figure
     created_at: datetime = Field(default_factory=utcnow)
 
 

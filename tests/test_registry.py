@@ -241,7 +241,7 @@ def test_domain_eval_set_is_frozen_hash_checked_and_kept_by_gc(registry):
     sha = registry.set_domain_eval("law", rows)
     assert registry.get_domain_eval("law") == rows
     assert registry.set_domain_eval("law", rows) == sha  # same rows: fine
-    with pytest.raises(ConflictError, match="already has a frozen evaluation set"):
+    with pytest.raises(ConflictError, match="already has a frozen eval set"):
         registry.set_domain_eval("law", [{"text": "other"}])
     assert registry.gc(grace_s=0)["artifacts_removed"] == 0
     assert [r["ref"] for r in registry.verify()] == ["eval set law"]
@@ -250,5 +250,5 @@ def test_domain_eval_set_is_frozen_hash_checked_and_kept_by_gc(registry):
     f = path / "eval.jsonl"
     _writable(f)
     f.write_text('{"text": "tampered"}\n')
-    with pytest.raises(IntegrityError, match="evaluation set of domain 'law'"):
+    with pytest.raises(IntegrityError, match="eval set of domain 'law'"):
         registry.get_domain_eval("law")

@@ -365,15 +365,15 @@ class RouterCore:
         if ood:
             fb = (conf_ood[None, :] < thresholds[:, None]).float().mean(-1)
             objective = torch.where(feasible, acc + fb, torch.full_like(acc, -1.0))
-            # the middle of the equally good range: margin on both sides for unseen inputs
+            # the middle (in value, not in index: confidences crowd near 1) of the equally good
+            # range, so unseen inputs get a margin on both sides
             ties = torch.nonzero(objective == objective.max()).flatten()
-            best = int(ties[len(ties) // 2])
+            t = float((thresholds[ties[0]] + thresholds[ties[-1]]) / 2)
         else:
-            best = int(torch.nonzero(feasible).max())
-        t = float(thresholds[best])
+            t = float(thresholds[int(torch.nonzero(feasible).max())])
         self.threshold = t
         self.calibration = Calibration(
-            threshold=t, in_domain_accuracy=float(acc[best]),
+            threshold=t, in_domain_accuracy=float(((conf_in >= t) & correct).float().mean()),
             in_domain_accuracy_no_threshold=float(correct.float().mean()),
             in_domain_fallback_rate=float((conf_in < t).float().mean()),
             ood_fallback_rate=float((conf_ood < t).float().mean()) if ood else None,

@@ -1,0 +1,70 @@
+"""`plait audit`: the forgetting audit over every domain, its report, and the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from plait.commands._common import JsonOpt, WorkspaceOpt, console, open_workspace, print_json
+
+
+def print_audit(result) -> None:
+    """The audit's one-screen summary."""
+    from rich.table import Table
+
+    c = console()
+    if not result.matrices:  # stopped at the integrity check
+        c.print(f"[bold red]FAILED[/bold red] audit #{result.audit_id}: report {result.out_dir}/report.md")
+        for r in result.reasons:
+            c.print(f"  [red]- {r}[/red]")
+        return
+    systems = list(result.current)
+    table = Table("domain", *systems, "routed acc.", title=f"audit #{result.audit_id}: mean token loss, final stage")
+    for d in result.domains:
+        acc = result.routing_accuracy.get(d)
+        table.add_row(d, *(f"{result.current[s][d]:.4f}" for s in systems), "-" if acc is None else f"{acc:.0%}")
+    c.print(table)
+    metrics = Table("system", "ACC (loss)", "BWT", "FWT", "max forgetting", title="continual metrics (+ forgetting = worse)")
+    fmt = lambda v: "-" if v is None else f"{v:+.4f}"  # noqa: E731
+    for s, m in result.metrics.items():
+        metrics.add_row(s, f"{m['acc']:.4f}", fmt(m["bwt"]), fmt(m["fwt"]), fmt(m["max_forgetting"]))
+    c.print(metrics)
+    ctl = result.control
+    c.print(f"control set: base {ctl['base_loss']:.4f}, routed {ctl['routed_loss']:.4f} "
+            f"({ctl['fallback_rate']:.0%} sent to the base)")
+    verdict = "[bold green]PASSED[/bold green]" if result.passed else "[bold red]FAILED[/bold red]"
+    c.print(f"{verdict}  report: {result.out_dir}/report.md  heatmap: {result.out_dir}/heatmap.png")
+    for r in result.reasons:
+        c.print(f"  [red]- {r}[/red]")
+
+
+def audit(
+    domains: Annotated[str | None, typer.Option("--domains", help="Comma-separated domains (default: all).")] = None,
+    baseline: Annotated[str, typer.Option(
+        "--baseline", help="Also measure a baseline: sequential (one LoRA fine-tuned domain after domain) or none.")]
+        = "none",
+    gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when the audit fails (forgetting or integrity).")] = False,
+    max_forgetting: Annotated[float, typer.Option(
+        "--max-forgetting", help="Largest allowed forgetting of own/routed, in nats of mean token loss.")] = 0.05,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: WORKSPACE/audits/ID).")] = None,
+    json_: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Measure every domain with the base, its own adapter and the routed system; report forgetting."""
+    from plait.audit import run_audit
+    from registry.errors import BadInputError
+
+    if baseline not in ("none", "sequential"):
+        raise BadInputError(f"unknown baseline {baseline!r}: use sequential or none")
+    ws = open_workspace(workspace)
+    result = run_audit(ws, domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+                       baselines=() if baseline == "none" else (baseline,), max_forgetting=max_forgetting,
+                       out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
+    if json_:
+        print_json(result.summary())
+    else:
+        print_audit(result)
+    if gate and not result.passed:
+        raise typer.Exit(1)

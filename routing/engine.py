@@ -1,0 +1,813 @@
+"""The composition engine: one base model, many adapters, a different routing per row.
+
+`CompositionEngine` holds ONE copy of a causal LM (full precision, or 4-bit NF4 through
+bitsandbytes, chosen at construction) and loads any number of adapters onto it at once:
+LoRA / QLoRA folders in the plain PEFT layout and bottleneck adapters in plait's layout (both
+described in TEAM.md / `training/methods`). Every batch row carries its own `Routing`: the base
+alone, one adapter, or a weighted top-k blend of adapters, and one forward pass serves them all.
+
+How the math works
+------------------
+LoRA (Hu et al. 2021, arXiv:2106.09685) adds to a linear layer W the low-rank delta
+s * B A with s = alpha / r (or alpha / sqrt(r) with rsLoRA). With several adapters loaded,
+each targeted linear layer is replaced by a `routing.layers.StackedLoraLinear` that keeps W and
+stacks every adapter's A [n, r_max, in] and s*B^T [n, r_max, out] (smaller ranks zero-padded).
+For row b routed to adapters idx[b, 0..k-1] with weights w[b, 0..k-1] it computes
+
+    y_b = W x_b + sum_j w[b, j] * s_j * B_{idx[b,j]} A_{idx[b,j]} x_b
+
+by gathering each row's A and B slices and running two `torch.bmm` calls (the "gather + batched
+matmul" of Punica, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), so the cost does not grow
+with the number of distinct adapters in the batch and there is no Python loop over rows or
+groups. When every row uses the same adapter a plain matmul fast path is taken; when no row
+uses any LoRA the layer returns W x untouched.
+
+A bottleneck adapter (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021,
+arXiv:2005.00247) maps a sublayer output o to o + s * up(act(down(o))); a
+`routing.layers.StackedBottleneck` forward hook on the sublayer applies the per-row blend
+o + sum_j w[b, j] * s_j * up_j(act_j(down_j(o))) the same way.
+
+Kinds mix freely in one batch and even in one row: a row's LoRA entries drive the LoRA layers,
+its bottleneck entries the bottleneck hooks, and a row gets an exact zero delta from every
+layer of a kind it does not use. Weights are used as given (a router's normalised scores, or
+1.0 for hard routing); they are not renormalised. A top-k blend is therefore the sum of the
+weighted per-layer deltas, which for LoRA equals merging sum_j w_j s_j B_j A_j into W.
+
+Adapter weights are cast to the dtype of the model's hidden states (the compute dtype); a
+4-bit base keeps its `Linear4bit` layers as the wrapped base layers. Padding is explicit:
+texts are right-padded for scoring, left-padded for generation, and position ids always come
+from the attention mask, so padding never changes a row's result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry.errors import BadInputError, ConflictError, NotFoundError
+from routing.layers import ACTIVATIONS, KindRouting, RoutingContext, StackedBottleneck, StackedLoraLinear
+
+LORA_KINDS = ("lora", "qlora")
+KINDS = ("lora", "qlora", "bottleneck")
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_BN_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<site>[A-Za-z0-9_]+)\.(?P<part>(down|up)\.(weight|bias))$")
+
+RoutingLike = Any  # Routing | str | None | Mapping[str, float] | Sequence[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The routing of one row: a list of (adapter name, weight); empty means the base alone.
+
+    Hard routing is one adapter with weight 1.0 (`Routing.one(name)`); a top-k blend lists k
+    adapters with their weights (`Routing.blend({"a": 0.7, "b": 0.3})`). Weights are used as
+    given. Entries with weight 0 are dropped.
+    """
+
+    adapters: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        clean: list[tuple[str, float]] = []
+        seen: set[str] = set()
+        for entry in self.adapters:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise BadInputError(f"routing entry {entry!r} is not a (adapter name, weight) pair")
+            name, weight = entry
+            if not isinstance(name, str) or not name:
+                raise BadInputError(f"routing entry {entry!r}: the adapter name must be a non-empty string")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise BadInputError(f"routing weight {weight!r} for adapter {name!r} must be a finite number")
+            if name in seen:
+                raise BadInputError(f"adapter {name!r} appears twice in one routing; give each adapter once")
+            seen.add(name)
+            if weight != 0:
+                clean.append((name, float(weight)))
+        object.__setattr__(self, "adapters", tuple(clean))
+
+    @classmethod
+    def base(cls) -> Routing:
+        """No adapter: the base model alone."""
+        return cls(())
+
+    @classmethod
+    def one(cls, name: str, weight: float = 1.0) -> Routing:
+        """Hard routing to one adapter."""
+        return cls(((name, weight),))
+
+    @classmethod
+    def blend(cls, weights: Mapping[str, float] | Sequence[tuple[str, float]]) -> Routing:
+        """A weighted blend, e.g. `Routing.blend({"news": 0.6, "law": 0.4})`."""
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        return cls(tuple((n, w) for n, w in items))
+
+    @classmethod
+    def coerce(cls, value: RoutingLike) -> Routing:
+        """Accept a Routing, None or "" (base), an adapter name, a {name: weight} mapping or
+        a sequence of (name, weight) pairs."""
+        if isinstance(value, Routing):
+            return value
+        if value is None or value == "":
+            return cls.base()
+        if isinstance(value, str):
+            return cls.one(value)
+        if isinstance(value, Mapping):
+            return cls.blend(value)
+        if isinstance(value, Sequence):
+            return cls(tuple(tuple(e) if isinstance(e, list) else e for e in value))
+        raise BadInputError(f"cannot use {value!r} as a routing: give None, an adapter name, "
+                            f"a {{name: weight}} mapping or a list of (name, weight) pairs")
+
+    @property
+    def is_base(self) -> bool:
+        return not self.adapters
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.adapters]
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter loaded on the engine."""
+
+    name: str
+    kind: str  # "lora" | "qlora" | "bottleneck"
+    path: Path
+    slot: int  # index in the stacks of its family (LoRA family or bottleneck family)
+    modules: list[str]  # module paths the adapter touches
+    config: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _family(kind: str) -> str:
+    return "lora" if kind in LORA_KINDS else "bottleneck"
+
+
+def _hidden_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype hidden states flow in (the input embedding's), also for a 4-bit model."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.is_floating_point():
+        return emb.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+class CompositionEngine:
+    """One base model with many adapters, routed per row (see the module docstring).
+
+    Args:
+        model: a causal LM (e.g. `LoadedBase.model`); the engine wraps its targeted layers in place.
+        tokenizer: its tokenizer, needed by the text methods (`encode`, `logits`, `loss`,
+            `loss_matrix`, `generate`).
+        fingerprint: the base fingerprint; when set, `add_adapter(..., fingerprint=)` refuses
+            adapters trained on another base.
+        quantized: whether the base is 4-bit (informational; see `AdapterInfo`).
+        max_length: longest tokenised text accepted by the text methods (longer ones are cut).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None,
+                 quantized: bool = False, max_length: int = 2048):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.quantized = quantized
+        self.max_length = max_length
+        self.dtype = _hidden_dtype(model)
+        self.device = next(model.parameters()).device
+        self._ctx = RoutingContext()
+        self._lock = threading.RLock()
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._lora_layers: dict[str, StackedLoraLinear] = {}
+        self._bn_sites: dict[str, StackedBottleneck] = {}
+        self._n_lora = 0
+        self._n_bn = 0
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_base(cls, spec: str = "smollm2", *, quantize_4bit: bool = False, dtype: torch.dtype | None = None,
+                  compute_dtype: torch.dtype | None = None, max_length: int = 2048) -> CompositionEngine:
+        """Load a base with `training.base.load_base` and wrap it.
+
+        Args:
+            spec: the base (see `training.base.resolve_base`), default the shipped SmolLM2.
+            quantize_4bit: load the base's linear layers as NF4 (bitsandbytes) instead of full precision.
+            dtype: weight dtype (default fp32).
+            compute_dtype: the 4-bit layers' compute dtype.
+        """
+        from training.base import load_base
+
+        base = load_base(spec, dtype=dtype, quantize_4bit=quantize_4bit, compute_dtype=compute_dtype)
+        return cls(base.model, base.tokenizer, fingerprint=base.fingerprint, quantized=base.quantized,
+                   max_length=max_length)
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by name (a copy)."""
+        return dict(self._adapters)
+
+    def add_adapter(self, name: str, folder: str | Path, kind: str | None = None, *,
+                    fingerprint: str | None = None) -> AdapterInfo:
+        """Load the adapter in `folder` under `name`.
+
+        Args:
+            name: the name rows use to route to it (any non-empty string, e.g. a ref "law:3").
+            folder: a folder with adapter_config.json + adapter_model.safetensors.
+            kind: "lora", "qlora" or "bottleneck"; None detects it from the config.
+            fingerprint: the base fingerprint the adapter was trained on; checked against the
+                engine's when both are known.
+
+        Returns:
+            The `AdapterInfo` of the loaded adapter.
+
+        Raises:
+            ConflictError: the name is taken.
+            NotFoundError: the folder or one of its two files is missing.
+            IncompatibleBaseError: the fingerprints differ.
+            BadInputError: the files do not fit this base (unknown modules, shapes, options).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise BadInputError(f"adapter name {name!r} must be a non-empty string")
+        if name in self._adapters:
+            raise ConflictError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first "
+                                f"or pick another name")
+        if fingerprint is not None and self.fingerprint is not None:
+            from training.base import check_compatible
+
+            check_compatible(fingerprint, self.fingerprint, f"adapter {name!r}")
+        folder = Path(folder)
+        cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise NotFoundError(f"{p} is missing; an adapter folder needs adapter_config.json and "
+                                    f"adapter_model.safetensors")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"{cfg_path} is not valid JSON ({exc}); re-export the adapter") from exc
+        detected = "bottleneck" if config.get("plait_adapter") == "bottleneck" else (
+            "lora" if str(config.get("peft_type", "")).upper() == "LORA" else None)
+        if detected is None:
+            raise BadInputError(f"{cfg_path} is neither a PEFT LoRA config (peft_type LORA) nor a plait "
+                                f"bottleneck config (plait_adapter: bottleneck)")
+        if kind is None:
+            kind = detected
+        if kind not in KINDS:
+            raise BadInputError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+        if _family(kind) != _family(detected):
+            raise BadInputError(f"adapter {name!r} was given kind {kind!r} but {cfg_path} holds a {detected} "
+                                f"adapter; pass kind={detected!r} or None")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights_path), device="cpu")
+        with self._lock:
+            if _family(kind) == "lora":
+                info = self._add_lora(name, folder, kind, config, tensors)
+            else:
+                info = self._add_bottleneck(name, folder, config, tensors)
+            self._adapters[name] = info
+        return info
+
+    def _add_lora(self, name: str, folder: Path, kind: str, cfg: dict, tensors: dict) -> AdapterInfo:
+        for flag, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers"),
+                          ("lora_bias", "LoRA bias terms"), ("modules_to_save", "modules_to_save"),
+                          ("layer_replication", "layer_replication")):
+            if cfg.get(flag):
+                raise BadInputError(f"adapter {name!r} uses {why}, which the composition engine does not "
+                                    f"support; train a plain LoRA adapter")
+        if cfg.get("bias", "none") != "none":
+            raise BadInputError(f"adapter {name!r} trains biases (bias={cfg['bias']!r}); the engine supports "
+                                f"bias='none' only")
+        r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
+        if not isinstance(r_default, int) or r_default <= 0 or not isinstance(alpha_default, (int, float)):
+            raise BadInputError(f"adapter {name!r}: adapter_config.json needs a positive int r and a number "
+                                f"lora_alpha (got r={r_default!r}, lora_alpha={alpha_default!r})")
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            stripped = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            m = _LORA_KEY.match(stripped)
+            if m is None:
+                raise BadInputError(f"adapter {name!r} has tensor {key!r}, which is not a LoRA A/B weight of a "
+                                    f"linear layer; only plain LoRA on linear layers is supported")
+            pairs.setdefault(m["module"], {})[m["ab"]] = value
+        if not pairs:
+            raise BadInputError(f"adapter {name!r} has no LoRA weights in adapter_model.safetensors")
+
+        def pattern_value(module: str, patterns: dict, default):
+            for pat, val in patterns.items():
+                if re.match(rf"(.*\.)?{pat}$", module):
+                    return val
+            return default
+
+        plan: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, float]] = []
+        for module, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise BadInputError(f"adapter {name!r}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} "
+                                    f"weight; the file is incomplete")
+            target = self._linear_at(module, name)
+            a, b = ab["A"], ab["B"]
+            r = pattern_value(module, rank_pattern, r_default)
+            alpha = pattern_value(module, alpha_pattern, alpha_default)
+            if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
+                raise BadInputError(
+                    f"adapter {name!r}: {module} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, but r={r} "
+                    f"and the base layer is {target.in_features}->{target.out_features}; it was made for another base")
+            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            plan.append((module, target, a, b, scale))
+        # Validated: now install, so a bad file never leaves a half-loaded adapter behind.
+        slot = self._n_lora
+        touched = {}
+        for module, _target, a, b, scale in plan:
+            layer = self._lora_layers.get(module) or self._wrap_linear(module)
+            layer.append_slot(a, b, scale)
+            touched[module] = True
+        for module, layer in self._lora_layers.items():
+            if module not in touched:
+                layer.append_slot(None, None, 0.0)
+        self._n_lora += 1
+        return AdapterInfo(name, kind, folder, slot, [p[0] for p in plan], cfg)
+
+    def _linear_at(self, module: str, name: str) -> nn.Module:
+        try:
+            target = self.model.get_submodule(module)
+        except AttributeError:
+            raise BadInputError(f"adapter {name!r} targets module {module!r}, which this base does not have; "
+                                f"it was made for another model") from None
+        if isinstance(target, StackedLoraLinear):
+            return target
+        if not isinstance(target, nn.Linear):  # bitsandbytes Linear4bit subclasses nn.Linear
+            raise BadInputError(f"adapter {name!r} targets {module!r}, a {type(target).__name__}; the engine "
+                                f"applies LoRA to linear layers only")
+        return target
+
+    def _wrap_linear(self, module: str) -> StackedLoraLinear:
+        parent_name, _, child = module.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        base_layer = getattr(parent, child)
+        layer = StackedLoraLinear(base_layer, self._ctx, self.dtype, self.device)
+        for _ in range(self._n_lora):  # earlier adapters do not touch this layer
+            layer.append_slot(None, None, 0.0)
+        setattr(parent, child, layer)
+        self._lora_layers[module] = layer
+        return layer
+
+    def _add_bottleneck(self, name: str, folder: Path, cfg: dict, tensors: dict) -> AdapterInfo:
+        act = cfg.get("non_linearity")
+        if act not in ACTIVATIONS:
+            raise BadInputError(f"bottleneck adapter {name!r}: non_linearity {act!r} is not one of "
+                                f"{', '.join(ACTIVATIONS)}")
+        scale = cfg.get("scaling", 1.0)
+        sites = cfg.get("sites") or {}
+        layers_path = cfg.get("layers_path", "model.layers")
+        if not isinstance(scale, (int, float)) or not isinstance(sites, dict) or not sites:
+            raise BadInputError(f"bottleneck adapter {name!r}: adapter_config.json needs a number 'scaling' and "
+                                f"a non-empty 'sites' mapping")
+        hidden = getattr(self.model.config, "hidden_size", None)
+        if cfg.get("hidden_size") not in (None, hidden):
+            raise BadInputError(f"bottleneck adapter {name!r} has hidden_size {cfg.get('hidden_size')}, the base has "
+                                f"{hidden}; it was made for another base")
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            m = _BN_KEY.match(key)
+            if m is None:
+                raise BadInputError(f"bottleneck adapter {name!r} has unexpected tensor {key!r}; expected "
+                                    f"layers.I.SITE.(down|up).(weight|bias)")
+            if m["site"] not in sites:
+                raise BadInputError(f"bottleneck adapter {name!r}: tensor {key!r} names site {m['site']!r}, "
+                                    f"which adapter_config.json 'sites' does not map")
+            module = f"{layers_path}.{m['layer']}.{sites[m['site']]}"
+            grouped.setdefault(module, {})[m["part"]] = value
+        plan: list[tuple[str, dict[str, torch.Tensor]]] = []
+        for module, parts in sorted(grouped.items()):
+            missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(parts)
+            if missing:
+                raise BadInputError(f"bottleneck adapter {name!r}: {module} lacks {', '.join(sorted(missing))}")
+            try:
+                self.model.get_submodule(module)
+            except AttributeError:
+                raise BadInputError(f"bottleneck adapter {name!r} hooks {module!r}, which this base does not have; "
+                                    f"check layers_path/sites or use the base it was trained on") from None
+            b = parts["down.weight"].shape[0]
+            want = {"down.weight": (b, hidden), "down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
+            for part, shape in want.items():
+                if tuple(parts[part].shape) != shape:
+                    raise BadInputError(f"bottleneck adapter {name!r}: {module} {part} has shape "
+                                        f"{tuple(parts[part].shape)}, expected {shape} for this base")
+            plan.append((module, parts))
+        if not plan:
+            raise BadInputError(f"bottleneck adapter {name!r} has no weights in adapter_model.safetensors")
+        slot = self._n_bn
+        touched = set()
+        for module, parts in plan:
+            site = self._bn_sites.get(module)
+            if site is None:
+                site = StackedBottleneck(hidden, self._ctx, self.dtype, self.device)
+                for _ in range(self._n_bn):
+                    site.append_slot(None, act, 0.0)
+                site.attach(self.model.get_submodule(module))
+                self._bn_sites[module] = site
+            site.append_slot(parts, act, float(scale))
+            touched.add(module)
+        for module, site in self._bn_sites.items():
+            if module not in touched:
+                site.append_slot(None, act, 0.0)
+        self._n_bn += 1
+        return AdapterInfo(name, "bottleneck", folder, slot, [p[0] for p in plan], cfg)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter `name`; layers no adapter uses any more get their base module back.
+
+        Raises:
+            NotFoundError: no adapter of that name is loaded.
+        """
+        with self._lock:
+            info = self._adapter(name)
+            family = _family(info.kind)
+            del self._adapters[name]
+            for other in self._adapters.values():
+                if _family(other.kind) == family and other.slot > info.slot:
+                    other.slot -= 1
+            if family == "lora":
+                keep = [i for i in range(self._n_lora) if i != info.slot]
+                self._n_lora -= 1
+                for module, layer in list(self._lora_layers.items()):
+                    layer.keep_slots(keep)
+                    if not any(module in a.modules for a in self._adapters.values() if _family(a.kind) == "lora"):
+                        parent_name, _, child = module.rpartition(".")
+                        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                        setattr(parent, child, layer.base_layer)
+                        del self._lora_layers[module]
+            else:
+                keep = [i for i in range(self._n_bn) if i != info.slot]
+                self._n_bn -= 1
+                for module, site in list(self._bn_sites.items()):
+                    site.keep_slots(keep)
+                    if not any(module in a.modules for a in self._adapters.values() if a.kind == "bottleneck"):
+                        site.detach()
+                        del self._bn_sites[module]
+
+    def _adapter(self, name: str) -> AdapterInfo:
+        info = self._adapters.get(name)
+        if info is None:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise NotFoundError(f"adapter {name!r} is not loaded (loaded: {known}); add_adapter it first")
+        return info
+
+    # ------------------------------------------------------------------ routing
+
+    def _kind_routing(self, rows: list[list[tuple[int, float]]], n_slots: int) -> KindRouting:
+        k = max((len(r) for r in rows), default=0)
+        if k == 0 or n_slots == 0:
+            return KindRouting()
+        first = rows[0]
+        if k == 1 and len(first) == 1 and all(r == first for r in rows):
+            return KindRouting(mode="single", slot=first[0][0], weight=first[0][1])
+        idx = torch.zeros(len(rows), k, dtype=torch.long)
+        w = torch.zeros(len(rows), k, dtype=torch.float32)
+        for b, entries in enumerate(rows):
+            for j, (slot, weight) in enumerate(entries):
+                idx[b, j], w[b, j] = slot, weight
+        return KindRouting(mode="mixed", idx=idx.to(self.device), w=w.to(device=self.device, dtype=self.dtype))
+
+    def _resolve(self, routing: Sequence[RoutingLike] | RoutingLike, batch_size: int) -> list[Routing]:
+        if isinstance(routing, (Routing, str, Mapping)) or routing is None:
+            routes = [Routing.coerce(routing)] * batch_size  # one routing for the whole batch
+        else:
+            routes = [Routing.coerce(r) for r in routing]
+        if len(routes) != batch_size:
+            raise BadInputError(f"got {len(routes)} routings for a batch of {batch_size} rows; give one routing "
+                                f"per row (or a single routing for all rows)")
+        for r in routes:
+            for n in r.names:
+                self._adapter(n)
+        return routes
+
+    @contextmanager
+    def routed(self, routing: Sequence[RoutingLike] | RoutingLike, batch_size: int) -> Iterator[list[Routing]]:
+        """Within this context, forward passes of the wrapped model use `routing` per row.
+
+        Args:
+            routing: one routing per row, or one routing (name, mapping, Routing, None) for all rows.
+            batch_size: the number of rows the model will be called with.
+        """
+        with self._lock:  # adapters cannot come or go between resolving names and the forward pass
+            routes = self._resolve(routing, batch_size)
+            lora_rows: list[list[tuple[int, float]]] = []
+            bn_rows: list[list[tuple[int, float]]] = []
+            for r in routes:
+                lora_rows.append([])
+                bn_rows.append([])
+                for n, w in r.adapters:
+                    info = self._adapters[n]
+                    (lora_rows if _family(info.kind) == "lora" else bn_rows)[-1].append((info.slot, w))
+            self._ctx.lora = self._kind_routing(lora_rows, self._n_lora)
+            self._ctx.bottleneck = self._kind_routing(bn_rows, self._n_bn)
+            try:
+                yield routes
+            finally:
+                self._ctx.reset()
+
+    # ------------------------------------------------------------------ tensors in, tensors out
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions counted over real tokens only, so left padding does not shift them."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                routing: Sequence[RoutingLike] | RoutingLike = None, **model_kwargs: Any) -> Any:
+        """One forward pass of the base with per-row adapters.
+
+        Args:
+            input_ids: [B, T] token ids.
+            attention_mask: [B, T] (1 = token, 0 = padding); default all ones.
+            routing: one routing per row, or one for all rows (None = base).
+            **model_kwargs: passed to the model (e.g. past_key_values, use_cache).
+
+        Returns:
+            The model's output (with `.logits` [B, T, V]).
+
+        Raises:
+            BadInputError: unknown adapter names, or a routing count that differs from B.
+        """
+        if input_ids.dim() != 2:
+            raise BadInputError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        model_kwargs.setdefault("position_ids", self.position_ids(attention_mask))
+        model_kwargs.setdefault("use_cache", False)
+        with self.routed(routing, input_ids.shape[0]):
+            return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                              **model_kwargs)
+
+    # ------------------------------------------------------------------ text in
+
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            raise BadInputError("this engine has no tokenizer; build it with one (or from_base) to pass texts")
+        return self.tokenizer
+
+    def _texts(self, texts: Sequence[str] | str) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise BadInputError("texts must be a non-empty list of strings")
+        return texts
+
+    def _token_lists(self, texts: list[str]) -> list[list[int]]:
+        ids = self._tok()(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
+        for i, row in enumerate(ids):
+            if not row:
+                raise BadInputError(f"text {i} ({texts[i][:40]!r}) tokenises to nothing; give non-empty texts")
+        return ids
+
+    def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pad_id = self._tok().pad_token_id if self.tokenizer is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids, mask
+
+    def encode(self, texts: Sequence[str] | str, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise and pad texts.
+
+        Returns:
+            (input_ids [B, T], attention_mask [B, T]).
+        """
+        if padding_side not in ("left", "right"):
+            raise BadInputError(f"padding_side {padding_side!r} must be 'left' or 'right'")
+        return self._pad(self._token_lists(self._texts(texts)), padding_side)
+
+    def logits(self, texts: Sequence[str] | str, routing: Sequence[RoutingLike] | RoutingLike = None) -> torch.Tensor:
+        """Logits [B, T, V] of right-padded texts (positions past a row's length are padding;
+        `encode(texts)` gives the matching mask)."""
+        ids, mask = self.encode(texts)
+        return self.forward(ids, mask, routing).logits
+
+    def _row_losses(self, ids: torch.Tensor, mask: torch.Tensor, label_mask: torch.Tensor,
+                    routing: Sequence[RoutingLike] | RoutingLike) -> torch.Tensor:
+        logits = self.forward(ids, mask, routing).logits[:, :-1].float()
+        targets = ids[:, 1:].to(logits.device)
+        lm = label_mask[:, 1:].to(logits.device).float()
+        tok = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return ((tok * lm).sum(-1) / lm.sum(-1)).cpu()
+
+    def _loss_inputs(self, texts: list[str], completions: Sequence[str] | None
+                     ) -> tuple[list[list[int]], list[int]]:
+        """Token lists and, per row, the index of the first token that counts in the loss."""
+        if completions is None:
+            rows = self._token_lists(texts)
+            starts = [0] * len(rows)
+        else:
+            completions = list(completions)
+            if len(completions) != len(texts):
+                raise BadInputError(f"got {len(completions)} completions for {len(texts)} prompts; give one each")
+            rows = self._token_lists([p + c for p, c in zip(texts, completions)])
+            starts = [len(p) for p in self._token_lists(texts)]
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            if len(row) - max(start, 1) < 1:
+                raise BadInputError(f"text {i} ({texts[i][:40]!r}) has no token to score (it needs at least 2 "
+                                    f"tokens, and a non-empty completion)")
+        return rows, starts
+
+    def loss(self, texts: Sequence[str] | str, routing: Sequence[RoutingLike] | RoutingLike = None, *,
+             completions: Sequence[str] | None = None, batch_size: int = 8) -> torch.Tensor:
+        """Per-row mean next-token cross-entropy (nats) under per-row routing.
+
+        Args:
+            texts: the texts; with `completions`, the prompts.
+            routing: one routing per text, or one for all.
+            completions: if given, the loss covers the completion tokens only (text = prompt + completion).
+            batch_size: rows per forward pass.
+
+        Returns:
+            float32 tensor [len(texts)].
+        """
+        texts = self._texts(texts)
+        routes = self._resolve(routing, len(texts))
+        rows, starts = self._loss_inputs(texts, completions)
+        out = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            ids, mask = self._pad(chunk, "right")
+            label_mask = mask.clone()
+            for j, s in enumerate(starts[i:i + batch_size]):
+                label_mask[j, :s] = 0
+            out.append(self._row_losses(ids, mask, label_mask, routes[i:i + batch_size]))
+        return torch.cat(out)
+
+    def loss_matrix(self, texts: Sequence[str] | str, adapter_names: Sequence[str | None], *,
+                    completions: Sequence[str] | None = None, batch_size: int = 16) -> torch.Tensor:
+        """Loss of every text under every adapter, batched over adapters (AdapterCL scoring).
+
+        Args:
+            texts: the texts (or prompts, with `completions`).
+            adapter_names: the adapters to score under; None scores under the base alone.
+            batch_size: (text, adapter) rows per forward pass.
+
+        Returns:
+            float32 tensor [len(texts), len(adapter_names)].
+        """
+        texts = self._texts(texts)
+        names = list(adapter_names)
+        if not names:
+            raise BadInputError("adapter_names is empty; give at least one adapter name (None = base)")
+        for n in names:
+            if n is not None:
+                self._adapter(n)
+        rows, starts = self._loss_inputs(texts, completions)
+        pairs = [(t, a) for t in range(len(texts)) for a in range(len(names))]
+        out = torch.empty(len(texts), len(names))
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            ids, mask = self._pad([rows[t] for t, _ in chunk], "right")
+            label_mask = mask.clone()
+            for j, (t, _) in enumerate(chunk):
+                label_mask[j, :starts[t]] = 0
+            losses = self._row_losses(ids, mask, label_mask, [names[a] for _, a in chunk])
+            for (t, a), v in zip(chunk, losses):
+                out[t, a] = v
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     routing: Sequence[RoutingLike] | RoutingLike = None, *, max_new_tokens: int = 32,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
+        """Generate from left-padded token ids with a KV cache; each row keeps its routing.
+
+        Args:
+            input_ids: [B, T] left-padded prompts.
+            attention_mask: [B, T]; default all ones.
+            routing: one routing per row, or one for all.
+            max_new_tokens: tokens to generate at most.
+            do_sample: sample (with temperature and nucleus top_p) instead of greedy decoding.
+            seed: seeds the sampling generator, making sampling reproducible.
+            eos_token_id: stop token(s); default the tokenizer's / model's.
+
+        Returns:
+            [B, n] new token ids; rows that stopped early are filled with the pad id after eos.
+        """
+        if max_new_tokens < 1:
+            raise BadInputError(f"max_new_tokens {max_new_tokens} must be at least 1")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise BadInputError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = self._eos_ids(eos_token_id)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
+        gen = None
+        if do_sample:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device).long()
+        positions = self.position_ids(mask)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        eos_t = torch.tensor(eos, device=self.device) if eos else None
+        new: list[torch.Tensor] = []
+        cache_kw = self._cache_kwarg()
+        cache = self._new_cache()
+        step_ids, step_pos = ids, positions
+        with self.routed(routing, ids.shape[0]):
+            for _ in range(max_new_tokens):
+                # the cache object is filled in place, so it needs no reading back from the output
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                 use_cache=True, **{cache_kw: cache})
+                logits = out.logits[:, -1].float()
+                nxt = self._pick(logits, do_sample, temperature, top_p, gen)
+                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                new.append(nxt)
+                if eos_t is not None:
+                    done |= torch.isin(nxt, eos_t)
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return torch.stack(new, dim=1).cpu()
+
+    def _cache_kwarg(self) -> str:
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        if eos_token_id is None:
+            gc = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(gc, "eos_token_id", None)
+            if eos_token_id is None and self.tokenizer is not None:
+                eos_token_id = self.tokenizer.eos_token_id
+        if eos_token_id is None:
+            return []
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              gen: torch.Generator | None) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    def generate(self, texts: Sequence[str] | str, routing: Sequence[RoutingLike] | RoutingLike = None, *,
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None, chat: bool = False) -> list[str]:
+        """Generate a continuation for each text (batched, left-padded, KV cache).
+
+        Args:
+            texts: the prompts.
+            routing: one routing per prompt, or one for all.
+            max_new_tokens, do_sample, temperature, top_p, seed: as in `generate_ids`.
+            chat: wrap each prompt as a user message with the tokenizer's chat template.
+
+        Returns:
+            The generated texts (special tokens removed), in input order.
+        """
+        texts = self._texts(texts)
+        tok = self._tok()
+        if chat:
+            texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True) for t in texts]
+            rows = tok(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+        else:
+            rows = self._token_lists(texts)
+        ids, mask = self._pad(rows, "left")
+        out = self.generate_ids(ids, mask, routing, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, seed=seed)
+        return tok.batch_decode(out, skip_special_tokens=True)

@@ -1,0 +1,576 @@
+"""The incremental trainer: one new adapter for one domain, nothing else touched.
+
+An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
+
+    load the base (frozen; 4-bit for qlora) -> attach a fresh adapter, or warm-start from a
+    registered version -> assert only the adapter trains -> base eval loss on the eval split
+    -> AdamW steps with gradient clipping (bf16 autocast where the hardware is fast at it),
+    checkpointing every N steps -> eval loss and perplexity -> store + register the version
+    with its metrics and lineage -> MLflow run (params, loss per step, metrics, artifact).
+
+Checkpoints hold the adapter (its kind's own safetensors layout), the optimizer state
+(tensors as safetensors, scalars as JSON), the step and the RNG state; nothing is pickled.
+The batch of step k is a function of (seed, k) alone, so `resume=True` continues
+bit-exactly where an interrupted run stopped (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
+from registry.names import parse_ref, validate_name
+from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
+                           steps_per_epoch, tokenize_rows)
+from training.methods import Method, count_trainable, get_method
+
+DTYPES = ("auto", "fp32", "bf16")
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
+EXPERIMENT = "plait-train"
+
+
+class GradientError(PlaitError):
+    """Training would silently learn nothing: a trainable tensor received no gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train one domain's adapter."""
+
+    method: str | None = None
+    """adapter kind (lora, qlora, bottleneck); None = lora, or the kind of `from_ref`"""
+    name: str | None = None
+    """adapter name in the registry; None = the domain's name"""
+    steps: int | None = None
+    """optimizer steps; give this or `epochs` (default: 1 epoch)"""
+    epochs: float | None = None
+    """passes over the training examples (may be fractional)"""
+    batch_size: int = 4
+    """examples per step"""
+    max_length: int = 256
+    """tokens per example; longer text rows are cut into windows"""
+    lr: float | None = None
+    """AdamW learning rate; None = the kind's default (2e-4 LoRA/QLoRA, 1e-3 bottleneck)"""
+    rank: int | None = None
+    """LoRA rank, or bottleneck size for bottleneck adapters; None = the kind's default"""
+    dtype: str = "auto"
+    """auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32 or bf16"""
+    from_ref: str | None = None
+    """warm-start from this registered version (NAME, NAME:3, NAME@alias)"""
+    resume: bool = False
+    """continue from the checkpoint an interrupted run of the same config left"""
+    seed: int = 0
+    """seeds adapter init, data order and dropout"""
+    grad_clip: float | None = 1.0
+    """clip the gradient's global norm to this (None = no clipping)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    eval_fraction: float = 0.1
+    """share of the rows held out for eval when no eval file is given"""
+    eval_batch_size: int | None = None
+    """examples per eval batch; None = batch_size (so eval never peaks above training)"""
+    checkpoint_every: int = 50
+    """write a checkpoint every N steps (0 = never)"""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """extra options of the adapter kind (e.g. {"placement": "houlsby"} or {"alpha": 32})"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self):
+        if self.method is not None:
+            get_method(self.method)
+        if self.name is not None:
+            validate_name(self.name, "adapter name")
+        if self.steps is not None and self.epochs is not None:
+            raise BadInputError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+        for what, value in (("steps", self.steps), ("batch size", self.batch_size), ("max length", self.max_length),
+                            ("rank", self.rank)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BadInputError(f"{what} {value!r} is invalid: use a whole number >= 1")
+        if self.max_length < 2:
+            raise BadInputError(f"max length {self.max_length} is invalid: use a whole number >= 2 (e.g. 256)")
+        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
+            raise BadInputError(f"epochs {self.epochs!r} is invalid: use a number > 0")
+        if self.lr is not None and (not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1):
+            raise BadInputError(f"learning rate {self.lr!r} is invalid: use a number between 0 and 1 (e.g. 2e-4)")
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"dtype {self.dtype!r} is invalid: use auto, fp32 or bf16")
+        if self.from_ref is not None:
+            parse_ref(self.from_ref)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise BadInputError(f"gradient clip {self.grad_clip!r} is invalid: use a number > 0, or None for no clipping")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise BadInputError(f"checkpoint interval {self.checkpoint_every!r} is invalid: use a whole number >= 0")
+        if not 0 < self.eval_fraction < 1:
+            raise BadInputError(f"eval fraction {self.eval_fraction!r} is invalid: use a number between 0 and 1")
+
+    def run_key(self) -> dict[str, Any]:
+        """The options that decide what a run computes (a checkpoint resumes only the same run)."""
+        d = asdict(self)
+        for k in ("resume", "progress", "checkpoint_every", "eval_batch_size"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    version: Any
+    """the registered `registry.client.VersionInfo`"""
+    metrics: dict[str, float]
+    steps: int
+    losses: list[float]
+    """training loss of every step (of this process and any resumed-from run)"""
+    mlflow_run_id: str | None
+    model: Any = field(default=None, repr=False)
+    """the trained model in memory (adapter attached)"""
+
+    def summary(self) -> dict[str, Any]:
+        v = self.version
+        return {"ref": v.ref, "domain": v.domain, "kind": v.kind, "sha256": v.sha256, "steps": self.steps,
+                "parents": v.parents, "metrics": self.metrics, "mlflow_run_id": self.mlflow_run_id,
+                "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None}
+
+
+# ----------------------------------------------------------------------------- precision
+def fast_bf16() -> bool:
+    """Whether this machine computes bf16 fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in cap or "BF16" in cap:
+        return True
+    with contextlib.suppress(OSError):  # get_cpu_capability says "AVX512" with or without BF16
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> bf16 where the hardware is fast at it, else fp32."""
+    return ("bf16" if fast_bf16() else "fp32") if dtype == "auto" else dtype
+
+
+def _autocast(dtype: str, device: str):
+    import torch
+
+    if dtype == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- loss / eval
+def token_loss_sum(model, batch: dict, dtype: str, device: str):
+    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    with _autocast(dtype, device):
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+    # shift the labels, not the logits: slicing [B, L, vocab] logits would copy them (200 MB at
+    # SmolLM2's 49k vocab, batch 8 x 128); the last position's label is -100
+    labels = F.pad(batch["labels"].to(device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def evaluate(model, examples, *, pad_id: int, batch_size: int = 8, dtype: str = "fp32",
+             method: Method | None = None) -> dict[str, float]:
+    """Mean token loss and perplexity of `model` on `examples` (no grad, eval mode).
+
+    Returns:
+        {"loss": mean next-token cross-entropy over labelled tokens, "perplexity": exp(loss), "tokens": n}
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    if method is not None:
+        method.prepare_for_eval(model)
+    device = _device(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in iter_eval_batches(examples, batch_size):
+            loss, n = token_loss_sum(model, collate(chunk, pad_id), dtype, device)
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": float(count)}
+
+
+def _device(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def check_only_adapter_trainable(model, base_params: dict[str, Any]) -> int:
+    """Assert the base is frozen and something trains; returns the trainable parameter count.
+
+    Raises:
+        PlaitError: a base parameter is trainable, or nothing is.
+    """
+    base_ids = {id(p) for p in base_params.values()}
+    leaking = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in base_ids]
+    if leaking:
+        raise PlaitError(f"base parameter {leaking[0]} is trainable ({len(leaking)} in all); only the adapter may train")
+    n = count_trainable(model)
+    if n == 0:
+        raise PlaitError("the adapter has no trainable parameter; nothing would be learned")
+    return n
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split an optimizer state_dict into safetensors-able tensors and JSON scalars."""
+    import torch
+
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int, losses: list[float],
+                    tokens: int, seconds: float, run_key: dict, base_fingerprint: str, data_fingerprint: str) -> None:
+    """Write a checkpoint atomically (a temp folder renamed over the previous one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    method.save(model, tmp / "adapter")
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {"step": step, "losses": losses, "tokens": tokens, "seconds": seconds, "run_key": run_key,
+             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    path = Path(folder) / "trainer_state.json"
+    if not path.is_file():
+        raise NotFoundError(f"no checkpoint to resume in {folder}; run without --resume to start afresh")
+    return json.loads(path.read_text())
+
+
+def restore_checkpoint(folder: Path, optimizer) -> None:
+    """Load the optimizer state and RNG state saved by `save_checkpoint`."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = read_checkpoint_state(folder)
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(Path(folder) / "optimizer.safetensors")),
+                                                   state["optimizer"]))
+    rng = load_file(str(Path(folder) / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    task = progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+    return progress, task
+
+
+def train_steps(model, method: Method, optimizer, examples, *, start: int, total: int, batch_size: int,
+                seed: int, pad_id: int, dtype: str = "fp32", grad_clip: float | None = 1.0,
+                on_step: Callable[[int, float], None] | None = None,
+                checkpoint: Callable[[int, list[float], int, float], None] | None = None,
+                checkpoint_every: int = 0,
+                progress: bool = False) -> tuple[list[float], int, float]:
+    """Run optimizer steps `start`..`total-1`.
+
+    The first steps check that every trainable tensor receives a gradient (a grad that is
+    None, or zero for every step checked, means training would silently learn nothing,
+    as in the bitsandbytes CPU repacking trap).
+
+    Returns:
+        (loss of each step run, labelled-or-not tokens seen, seconds spent in steps)
+
+    Raises:
+        GradientError: a trainable tensor got no gradient.
+    """
+    import torch
+
+    device = _device(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    unseen = {n for n, _ in trainable}  # tensors that have not had a nonzero gradient yet
+    check_until = min(total, start + 3)
+    losses: list[float] = []
+    tokens, seconds = 0, 0.0
+    model.train()
+    method.prepare_for_training(model)
+    bar, task = _progress(progress, total, start)
+    with bar:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            batch = collate(batch_at(examples, step, batch_size, seed), pad_id)
+            loss_sum, n = token_loss_sum(model, batch, dtype, device)
+            loss = loss_sum / max(n, 1)
+            loss.backward()
+            if step < check_until:
+                missing = [name for name, p in trainable if p.grad is None]
+                if missing:
+                    raise GradientError(f"trainable tensor {missing[0]} received no gradient ({len(missing)} in all); "
+                                        f"the adapter would not learn (for qlora on CPU: see FACTS.md, 4-bit repacking)")
+                unseen -= {name for name, p in trainable if bool(p.grad.detach().abs().sum() > 0)}
+                if step == check_until - 1 and unseen and check_until - start >= 2:
+                    raise GradientError(f"trainable tensor {sorted(unseen)[0]} received only zero gradients in the "
+                                        f"first {check_until - start} steps ({len(unseen)} such tensors); training "
+                                        f"would silently learn nothing")
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            tokens += int(batch["attention_mask"].sum())
+            value = float(loss.detach())
+            losses.append(value)
+            bar.update(task, advance=1, loss=f"{value:.4f}", tps=f"{tokens / max(seconds, 1e-9):.0f}")
+            if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+                checkpoint(step + 1, losses, tokens, seconds)
+            if on_step is not None:
+                on_step(step + 1, value)
+    return losses, tokens, seconds
+
+
+def _total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    per_epoch = steps_per_epoch(n_examples, cfg.batch_size)
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+
+
+def _base_state(model) -> dict[str, Any]:
+    return dict(model.named_parameters())
+
+
+def _log_losses(run, losses: list[float]) -> None:
+    """The loss of every step as MLflow metric history, in batches (one call per 1000 steps)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_loss", float(v), now, i) for i, v in enumerate(losses, start=1)]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
+        run.client.log_batch(run.run_id, metrics=metrics[i:i + 1000])
+
+
+def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
+                 eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
+                 checkpoint_dir: Path | None = None,
+                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train a new adapter version for `domain` and register it.
+
+    Args:
+        registry: a `registry.client.Registry`.
+        base: the base model spec (`smollm2`, a model folder, a .gguf file, a cached HF id).
+        domain: the domain's name (the adapter's name too, unless `config.name`).
+        data: the training file/folder, or already loaded `DomainData`.
+        eval_data: a separate eval file; None = hold out `config.eval_fraction` of the rows.
+        config: how to train (default `TrainConfig()`).
+        checkpoint_dir: where checkpoints go (default `<artifact root>/../checkpoints/<name>`);
+            removed once the version is registered.
+        on_step: called after every step with (steps done, loss); raising in it stops the run
+            (its last checkpoint stays for `resume`).
+
+    Returns:
+        the registered version, its metrics, the losses and the trained model.
+
+    Raises:
+        BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start.
+        GradientError: a trainable tensor received no gradient.
+    """
+    import torch
+
+    from training.base import check_compatible
+
+    cfg = config or TrainConfig()
+    validate_name(domain, "domain name")
+    name = cfg.name or domain
+    validate_name(name, "adapter name")
+
+    warm = None
+    if cfg.from_ref is not None:
+        warm_info, warm_path = registry.artifact_path(cfg.from_ref)
+        if cfg.method is not None and cfg.method != warm_info.kind:
+            raise BadInputError(f"{warm_info.ref} is a {warm_info.kind} adapter; warm-start it with "
+                                f"--method {warm_info.kind} (or leave --method out)")
+        warm = (warm_info, warm_path)
+    kind = warm[0].kind if warm else (cfg.method or "lora")
+    method = get_method(kind)
+    for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
+        if (v.kind, v.domain) != (kind, domain):
+            raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
+                                f"domain {domain!r} needs another name (--name)")
+    dtype = resolve_dtype(cfg.dtype)
+    lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
+
+    if warm:
+        if cfg.rank is not None or cfg.method_options:
+            raise BadInputError(f"a warm start keeps the shape of {warm[0].ref}; leave out --rank and --option "
+                                f"(or train a fresh adapter without --from)")
+        settings = method.read_config(warm[1])
+    else:
+        options = dict(cfg.method_options)
+        if cfg.rank is not None:
+            options.setdefault("bottleneck_size" if kind == "bottleneck" else "r", cfg.rank)
+        settings = method.make_config(**options)
+
+    dd = data if isinstance(data, DomainData) else load_domain_data(data, eval_data, cfg.eval_fraction)
+    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    loaded = method.load_base(base, settings, compute_dtype=compute)
+    if warm:
+        check_compatible(warm[0].base_fingerprint, loaded.fingerprint, f"adapter {warm[0].ref}")
+    tok = loaded.tokenizer
+    train_ex = tokenize_rows(dd.train, tok, cfg.max_length)
+    eval_ex = tokenize_rows(dd.eval, tok, cfg.max_length)
+    total = _total_steps(cfg, len(train_ex))
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
+    run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base)}
+    run_key = json.loads(json.dumps(run_key, default=str))
+    start, prior_losses, prior_tokens, prior_seconds = 0, [], 0, 0.0
+    base_params = _base_state(loaded.model)
+
+    torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        state = read_checkpoint_state(ckpt)
+        if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
+                or state["base_fingerprint"] != loaded.fingerprint:
+            diff = sorted(k for k in set(run_key) | set(state["run_key"])
+                          if run_key.get(k) != state["run_key"].get(k))
+            if not diff:
+                raise BadInputError(f"the checkpoint in {ckpt} was made on other data or another base; resume with "
+                                    f"the same data and base, or drop --resume")
+            raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
+                                f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
+        model = method.load(loaded.model, ckpt / "adapter", trainable=True)
+    elif warm:
+        model = method.load(loaded.model, warm[1], trainable=True)
+    else:
+        model = method.attach(loaded.model, settings)
+    trainable_params = check_only_adapter_trainable(model, base_params)
+    optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
+
+    if cfg.resume:
+        restore_checkpoint(ckpt, optimizer)
+        start, prior_losses = state["step"], list(state["losses"])
+        prior_tokens, prior_seconds = state["tokens"], state["seconds"]
+        rng_after_resume = torch.get_rng_state()
+    # the base's loss on the same split, through the same code path (adapter switched off)
+    with method.disabled(model):
+        base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+    if cfg.resume:
+        torch.set_rng_state(rng_after_resume)  # eval draws nothing today; keep it so if it ever does
+
+    def checkpoint(step: int, losses: list[float], tokens: int, seconds: float) -> None:
+        save_checkpoint(ckpt, model=model, method=method, optimizer=optimizer, step=step,
+                        losses=prior_losses + losses, tokens=prior_tokens + tokens, seconds=prior_seconds + seconds,
+                        run_key=run_key, base_fingerprint=loaded.fingerprint, data_fingerprint=dd.fingerprint)
+
+    losses, tokens, seconds = train_steps(
+        model, method, optimizer, train_ex, start=start, total=total, batch_size=cfg.batch_size, seed=cfg.seed,
+        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+    all_losses = prior_losses + losses
+    tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
+    after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+    metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"], "base_eval_loss": base_eval["loss"],
+               "train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
+               "trainable_params": float(trainable_params)}
+    if torch.cuda.is_available():
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    version_config = {
+        "method": kind, "adapter": asdict(settings), "base": str(base), "base_quantized": loaded.quantized,
+        "dtype": dtype, "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
+        "warm_start": warm[0].ref if warm else None,
+        "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
+                 "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
+    parents = [(warm[0].ref, "warm-start")] if warm else []
+    params = {"domain": domain, "name": name, "base_fingerprint": loaded.fingerprint,
+              "data_fingerprint": dd.fingerprint, "trainable_params": trainable_params,
+              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in version_config.items()}}
+
+    with tempfile.TemporaryDirectory(prefix="plait-adapter-") as tmp:
+        out = method.save(model, Path(tmp) / "adapter")
+        tracking = registry.tracking
+        with (tracking.run(EXPERIMENT, f"{name}-{domain}", params, tags={"plait.domain": domain, "plait.kind": kind})
+              if tracking else contextlib.nullcontext()) as run:
+            if run is not None:
+                _log_losses(run, all_losses)
+                run.log_metrics(metrics, step=total)
+                run.log_artifacts(out, "adapter")
+            info = registry.register_version(
+                name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint,
+                config=version_config, parents=parents, data_fingerprint=dd.fingerprint,
+                mlflow_run_id=run.run_id if run is not None else None, metrics=metrics)
+    try:  # the domain's first eval split is frozen in the registry for audits
+        registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
+    except ConflictError:
+        pass  # an earlier run froze this domain's eval set; audits keep using that one
+    shutil.rmtree(ckpt, ignore_errors=True)
+    model.eval()
+    return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)
