@@ -210,6 +210,11 @@ class EmbeddingRouter(RouterCore):
             cols.append(sims.topk(min(self.k, sims.shape[1]), dim=1).values.mean(1))
         return torch.stack(cols, dim=1)
 
+    def _confidence(self, logits, probs):
+        # the cosine similarity to the nearest domain: out-of-domain text is far from every
+        # prototype even when the softmax over domains is sure which one is least far
+        return logits.max(-1).values
+
     def _domain_tensors(self, domain: str) -> dict[str, Any]:
         return {"embeddings": self.embeddings[domain], "prototype": self.prototypes[domain]}
 
