@@ -64,12 +64,13 @@ def parse_ref(text: object) -> Ref:
         raise BadInputError(f"invalid reference {text!r}: {forms}")
     if ":" in text:
         name, _, number = text.partition(":")
+        if not number.isdigit() or not number.isascii() or int(number) < 1:
+            raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers from 1")
         # one spelling per version ("3", never "03"): refs are stored and compared as text
         # (a router's covered versions), so "legal:03" must not be a second name of legal:3
-        if (not number.isdigit() or not number.isascii() or number.startswith("0")
-                or not 1 <= int(number) <= MAX_VERSION):
-            raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers "
-                                f"from 1 to {MAX_VERSION}")
+        if number.startswith("0") or int(number) > MAX_VERSION:
+            raise BadInputError(f"invalid version {number!r} in reference {text!r}: write a whole number from 1 "
+                                f"to {MAX_VERSION} without leading zeros, e.g. {name}:{min(int(number), MAX_VERSION)}")
         return Ref(validate_name(name, "adapter name"), version=int(number))
     if "@" in text:
         name, _, alias = text.partition("@")
