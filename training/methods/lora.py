@@ -113,8 +113,13 @@ def save(model, out_dir: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         # peft also writes a README model card; the artifact is exactly the two files
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[ADAPTER_NAME])
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copyfile(Path(tmp) / name, out_dir / name)
+        shutil.copyfile(Path(tmp) / "adapter_model.safetensors", out_dir / "adapter_model.safetensors")
+        # peft writes target_modules from a set, in an order that changes per process; sorted,
+        # identical runs give identical bytes and so the same content hash
+        config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 
 
