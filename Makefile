@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python examples/registry_walkthrough.py
-	$(BIN)/plait registry list --workspace plait-walkthrough/.plait
+	$(BIN)/plait demo
 
 test: setup
 	$(BIN)/python -m pytest -q
