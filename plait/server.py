@@ -232,7 +232,8 @@ class Server:
         self._carry: deque[_Request] = deque()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-batch")
         self._worker: asyncio.Task | None = None
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "errors": 0}
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "errors": 0,
+                      "resolve_s": 0.0, "decode_s": 0.0}
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -392,6 +393,7 @@ class Server:
             self.rm.refresh()  # a newer router version serves from this batch on
         except Exception:  # noqa: BLE001 - keep serving with the router we have
             log.exception("router refresh failed; serving with the loaded router")
+        t0 = time.perf_counter()
         ready: list[tuple[_Request, list]] = []
         for req in batch:
             try:
@@ -401,6 +403,8 @@ class Server:
                 req.emit("error", e)
                 continue
             ready.append((req, served))
+        with self._stats_lock:
+            self.stats["resolve_s"] += time.perf_counter() - t0
         groups: dict[tuple, list[tuple[_Request, list]]] = {}
         for req, served in ready:
             groups.setdefault(req.group_key(), []).append((req, served))
@@ -436,11 +440,13 @@ class Server:
                     req.emit("finish", row.index, row.finish_reason)
             return all(row.finished for _, row, _ in entries)
 
+        t0 = time.perf_counter()
         with self.rm._lock:  # adapters are only added under this lock, never during a batch
             engine.generate_ids(ids, mask, [s.routing() for _, _, s in entries],
                                 max_new_tokens=max(req.max_tokens for req, _ in group), do_sample=first.do_sample,
                                 temperature=first.temperature, top_p=first.top_p, seed=first.seed, on_step=on_step)
         with self._stats_lock:
+            self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["batches"] += 1
             self.stats["rows"] += len(entries)
             self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(entries))
