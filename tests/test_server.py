@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -317,3 +318,25 @@ def test_queue_full_gets_503_and_server_survives(served):
         assert busy
     finally:
         small.stop()
+
+
+def test_engine_on_step_hook_sees_every_token_and_can_stop(served):
+    _, rm, _, _ = served
+    eng = rm.engine
+    ids, mask = eng.encode(["the cat", "the court ruled"], padding_side="left")
+    routing = ["cats:1", "law:1"]
+    with rm._lock:
+        full = eng.generate_ids(ids, mask, routing, max_new_tokens=6, eos_token_id=[])
+        seen = []
+        out = eng.generate_ids(ids, mask, routing, max_new_tokens=6, eos_token_id=[],
+                               on_step=lambda new, done: seen.append(new.clone()) or len(seen) == 3)
+    assert torch.equal(torch.stack(seen, 1), out)
+    assert out.shape == (2, 3) and torch.equal(out, full[:, :3])  # stopped after step 3, same tokens
+
+
+def test_cli_serve_refuses_bad_limits(tmp_path):
+    from plait.cli import main
+
+    assert main(["serve", "--workspace", str(tmp_path), "--max-batch", "0"]) == 2
+    assert main(["serve", "--workspace", str(tmp_path), "--port", "70000"]) == 2
+    assert main(["serve", "--workspace", str(tmp_path / "missing")]) == 2  # no workspace there
