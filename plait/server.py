@@ -394,10 +394,12 @@ class Server:
         except Exception:  # noqa: BLE001 - keep serving with the router we have
             log.exception("router refresh failed; serving with the loaded router")
         t0 = time.perf_counter()
+        decided = self._route_auto(batch)
         ready: list[tuple[_Request, list]] = []
         for req in batch:
             try:
-                served = self.rm.decide([r.route_text for r in req.rows], req.model, req.top_k)
+                served = decided.get(id(req)) or self.rm.decide([r.route_text for r in req.rows], req.model,
+                                                                req.top_k)
             except Exception as e:  # noqa: BLE001 - this request fails, the others are served
                 self._count_error()
                 req.emit("error", e)
@@ -416,6 +418,30 @@ class Server:
                 for req, _ in group:
                     self._count_error()
                     req.emit("error", e)
+
+    def _route_auto(self, batch: list[_Request]) -> dict[int, list]:
+        """Route all `auto` requests of a batch in one router call per top_k (by request id).
+
+        When that call fails (e.g. one routed adapter fails its hash check) nothing is
+        returned and every request is decided on its own, so only the affected ones fail.
+        """
+        by_k: dict[int, list[_Request]] = {}
+        for req in batch:
+            if req.model == "auto":
+                by_k.setdefault(req.top_k, []).append(req)
+        out: dict[int, list] = {}
+        for k, reqs in by_k.items():
+            if len(reqs) < 2:
+                continue
+            try:
+                served = self.rm.decide([r.route_text for req in reqs for r in req.rows], "auto", k)
+            except Exception:  # noqa: BLE001 - fall back to one decision per request
+                continue
+            i = 0
+            for req in reqs:
+                out[id(req)] = served[i:i + len(req.rows)]
+                i += len(req.rows)
+        return out
 
     def _count_error(self) -> None:
         with self._stats_lock:

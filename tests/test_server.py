@@ -121,7 +121,8 @@ def test_concurrent_mixed_requests_share_batches(served):
     _, rm, live, client = served
     before = requests.get(live.url + "/health").json()["stats"]
     jobs = [("cats:1", "the cat", 6), ("law:1", "the court", 3), ("base", "legal contracts", 5),
-            ("cats:1", "a cat chased", 4), ("law:1", "patients take", 6), ("base", "the quick", 2)] * 2
+            ("cats:1", "a cat chased", 4), ("law:1", "patients take", 6), ("base", "the quick", 2),
+            ("auto", "the cat sat on the mat", 5), ("auto", "the court and the contract", 4)] * 2
 
     def call(job):
         model, prompt, n = job
@@ -130,6 +131,14 @@ def test_concurrent_mixed_requests_share_batches(served):
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(call, jobs))
     for (model, prompt, n), r in zip(jobs, results):
+        if model == "auto":  # routed in one router call with the other auto requests of its batch
+            adapters = plait_field(r.choices[0])["adapters"]
+            assert adapters and adapters[0]["domain"] == ("cats" if "cat" in prompt else "law")
+            with rm._lock:
+                want = rm.engine.generate([prompt], [[(a["ref"], a["weight"]) for a in adapters]],
+                                          max_new_tokens=n)[0]
+            assert r.choices[0].text == want
+            continue
         ref = None if model == "base" else model
         assert r.choices[0].text == direct(rm, prompt, ref, n), (model, prompt)
     after = requests.get(live.url + "/health").json()["stats"]
