@@ -226,6 +226,9 @@ class Server:
     def __init__(self, routed, config: ServerConfig | None = None):
         self.rm = routed
         self.config = config or ServerConfig()
+        if self.config.max_prompt_tokens > routed.engine.max_length:
+            raise BadInputError(f"max_prompt_tokens {self.config.max_prompt_tokens} is over the engine's max_length "
+                                f"{routed.engine.max_length}; lower --max-prompt-tokens")
         self.tokenizer = routed.engine.tokenizer
         self.eos = set(routed.engine._eos_ids(None))
         self.queue: asyncio.Queue | None = None
