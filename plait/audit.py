@@ -162,7 +162,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
-    all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"]]
+    all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]
     if domains:
         unknown = [d for d in domains if d not in all_domains]
         if unknown:
@@ -171,6 +171,9 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     order = [d for d in all_domains if not domains or d in domains]
     if not order:
         raise NotFoundError("nothing to audit: no domain has been trained yet (plait train)")
+    broken = [f"hash check failed: {r['error']}" for r in reg.verify() if not r["ok"]]
+    if broken:  # nothing is loaded from a store that fails its checks: record the failure and stop
+        return _failed_audit(ws, order, broken, max_forgetting, out_dir, t0)
     rm = ws.routed_model
     rm.refresh()
     rm.engine.max_length = max_length
@@ -270,6 +273,22 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     return result
 
 
+def _failed_audit(ws, order, problems, max_forgetting, out_dir, t0) -> AuditResult:
+    result = AuditResult(None, order, {}, {}, {}, {}, {"base_loss": float("nan"), "routed_loss": float("nan"),
+                         "delta": float("nan"), "fallback_rate": float("nan"), "n": 0}, problems, False,
+                         list(problems), max_forgetting)
+    audit = ws.registry.create_audit(domains=order, passed=False, summary={"integrity": problems, "passed": False,
+                                                                            "reasons": problems})
+    result.audit_id = audit.id
+    out = Path(out_dir) if out_dir else ws.path / "audits" / f"{audit.id:04d}"
+    out.mkdir(parents=True, exist_ok=True)
+    result.out_dir, result.seconds = str(out), time.time() - t0
+    (out / "audit.json").write_text(json.dumps(result.summary(), indent=2, default=str))
+    (out / "report.md").write_text(f"# plait forgetting audit #{audit.id}\n\n**FAILED** — integrity:\n\n"
+                                   + "".join(f"- {p}\n" for p in problems))
+    return result
+
+
 def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | None]]:
     """The sequential fine-tuning baseline's matrix, training its missing versions."""
     from routing.engine import Routing
@@ -316,9 +335,6 @@ def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | No
 
 def _integrity(ws, aud, order, stored, matrices, L, pos) -> list[str]:
     problems = []
-    for r in ws.registry.verify():
-        if not r["ok"]:
-            problems.append(f"hash check failed: {r['error']}")
     router = aud.stage_router(aud.reg.get_router(ws.router_kind))
     try:
         base_fp = ws.base_fingerprint

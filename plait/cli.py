@@ -15,6 +15,7 @@ import typer
 
 from plait.commands import registry as registry_cmd
 from plait.commands import audit as audit_cmd
+from plait.commands import demo as demo_cmd
 from plait.commands import route as route_cmd
 from plait.commands import serve as serve_cmd
 from plait.commands import train as train_cmd
@@ -34,6 +35,7 @@ app.command("route")(route_cmd.route)
 app.command("generate")(route_cmd.generate)
 app.command("audit")(audit_cmd.audit)
 app.command("serve")(serve_cmd.serve)
+app.command("demo")(demo_cmd.demo)
 
 
 @app.callback()
@@ -64,13 +66,35 @@ def init(
             typer.echo(f"  {key:<13} {value}")
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, UsageError, Exit, Abort) classes of click and of typer's own copy of it.
+
+    typer >= 0.20 vendors click as `typer._click` and raises its own classes, which plain
+    `click.ClickException` does not catch: usage errors then fell through to the generic
+    handler and exited 1 with a class name instead of 2 with click's message.
+    """
+    import click
+    import typer
+
+    clicks, usages = [click.ClickException], [click.UsageError]
+    try:
+        from typer._click import exceptions as vendored
+
+        clicks.append(vendored.ClickException)
+        usages.append(vendored.UsageError)
+    except ImportError:  # an older typer uses click itself
+        pass
+    return (tuple(clicks), tuple(usages), (click.exceptions.Exit, typer.Exit),
+            (click.exceptions.Abort, typer.Abort))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    import click
-
     from registry.errors import PlaitError
 
-    debug = os.environ.get("PLAIT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
+    click_error, usage_error, exit_, abort = _click_errors()
+    args = argv if argv is not None else sys.argv[1:]
+    debug = os.environ.get("PLAIT_DEBUG") == "1" or "--debug" in args
     try:
         result = app(args=argv, prog_name="plait", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -79,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except exit_ as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `plait` / `plait registry`: typer printed the help
+            return 0
+        path = e.ctx.command_path if getattr(e, "ctx", None) is not None else "plait"
+        typer.echo(f"error: {' '.join(e.format_message().split())} (see `{path} --help`)", err=True)
+        return 2
+    except click_error as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
+    except abort:
         typer.echo("aborted", err=True)
         return 1
     except KeyboardInterrupt:

@@ -113,11 +113,12 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
     config = config or TrainConfig()
     dd = load_domain_data(data, eval_data, config.eval_fraction)
     result = train_domain(ws.registry, ws.config.base_model, domain, dd, config=config)
-    for split, rows in (("eval", dd.eval), ("train", dd.train)):
-        try:  # frozen at the domain's first version: audits compare like with like
-            ws.registry.get_domain_rows(domain, split)
-        except NotFoundError:
-            ws.registry.set_domain_rows(domain, split, [row_dict(r) for r in rows])
+    # the trainer froze the domain's eval rows; keep its first training rows too, so baselines
+    # (sequential fine-tuning) can be rebuilt from the registry alone
+    try:
+        ws.registry.get_domain_rows(domain, "train")
+    except NotFoundError:
+        ws.registry.set_domain_rows(domain, "train", [row_dict(r) for r in dd.train])
     router = update_router(ws, domain, [row_input(r) for r in dd.train], result.version.ref)
     out = AddDomainResult(result, router)
     if audit:

@@ -67,7 +67,8 @@ def continual_metrics(R: list[list[float | None]], domains: list[str], *, higher
     sign = 1.0 if higher_is_better else -1.0
     L = T - 1
     acc = sum(_value(R, L, j) for j in range(T)) / T
-    forgetting = {domains[j]: sign * (_value(R, j, j) - _value(R, L, j)) for j in range(L)}
+    # (+ 0.0 turns the -0.0 of an unchanged loss into 0.0)
+    forgetting = {domains[j]: sign * (_value(R, j, j) - _value(R, L, j)) + 0.0 for j in range(L)}
     bwt = -sum(forgetting.values()) / L if L else None
     fwt = None
     if base is not None and T > 1:

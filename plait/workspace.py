@@ -39,6 +39,13 @@ class WorkspaceConfig:
     router: str = ""
     """Router kind the continual loop keeps up to date; empty means the default (embedding)."""
 
+    def __post_init__(self):
+        for key in self.__dataclass_fields__:
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise BadInputError(f"setting {key} = {value!r} in {CONFIG_FILE} must be a string, e.g. "
+                                    f"{key} = \"...\"; fix it or re-create the workspace with `plait init`")
+
     def to_toml(self) -> str:
         lines = ["# plait workspace settings (see `plait init --help`)"]
         for key, value in (("base_model", self.base_model), ("db_url", self.db_url),
@@ -92,14 +99,19 @@ class Workspace:
             if existing.config != config:
                 raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
                                     f"edit {cfg_file} or choose another --workspace")
+            existing.registry  # noqa: B018 - a damaged database is reported now, not "ready"
             return existing
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
         tmp = cfg_file.with_suffix(".tmp")
         tmp.write_text(config.to_toml())
         os.replace(tmp, cfg_file)
-        ws = cls(root)
-        ws.registry  # noqa: B018 - creates the database schema now, not on first use
+        try:
+            ws = cls(root)
+            ws.registry  # noqa: B018 - creates the database schema now, not on first use
+        except BaseException:
+            cfg_file.unlink()  # a bad --db leaves no half-made workspace behind to trip the next command
+            raise
         return ws
 
     # ----------------------------------------------------------------- settings

@@ -10,6 +10,7 @@ a crash between the two leaves an unreferenced artifact that `gc` removes.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -139,6 +140,13 @@ def _with_write_retries(fn):
                 raise
             time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _validate_filters(**filters: str | None) -> None:
+    """Search filters are names: an invalid one is a typo to report, not an empty result."""
+    for what, value in filters.items():
+        if value:
+            validate_name(value, f"{what} filter")
 
 
 class Registry:
@@ -394,6 +402,7 @@ class Registry:
                 return self._info(s, adapter, row)
 
         info = _with_write_retries(tx)
+        _fault("registry.after_commit")
         self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
         return info
 
@@ -411,6 +420,7 @@ class Registry:
             base: base fingerprint (a prefix is enough).
             metric: keep versions that have this metric (within min_value/max_value if given).
         """
+        _validate_filters(name=name, domain=domain, kind=kind)
         with self._session() as s:
             q = select(Adapter, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
             if name:
@@ -435,6 +445,7 @@ class Registry:
 
     def search_adapters(self, domain: str | None = None, kind: str | None = None) -> list[AdapterSummary]:
         """One summary per adapter (version count, newest version, aliases), by name."""
+        _validate_filters(domain=domain, kind=kind)
         with self._session() as s:
             q = select(Adapter, Domain.name).join(Domain, Domain.id == Adapter.domain_id)
             if domain:
@@ -527,6 +538,8 @@ class Registry:
 
     def rollback_alias(self, name: str, alias: str) -> VersionInfo:
         """Move `alias` back to the version it pointed at before its latest move."""
+        validate_name(name, "adapter name")
+        validate_name(alias, "alias")
         with self._session() as s:
             adapter = self._adapter_row(s, name)
             last = s.exec(select(AliasEvent).where(AliasEvent.adapter_id == adapter.id, AliasEvent.alias == alias)
@@ -664,7 +677,10 @@ class Registry:
         out_dir = Path(out_dir)
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise BadInputError(f"{out_dir} exists and is not an empty directory; choose a new folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"cannot create the export folder {out_dir} ({e.strerror}); choose a writable path") from None
         for f in sorted(path.rglob("*")):
             if f.is_file():
                 dest = out_dir / f.relative_to(path)
@@ -722,6 +738,8 @@ class Registry:
             grace_s: keep anything younger than this, so a writer between storing its
                 artifact and committing its version never loses the files.
         """
+        if not isinstance(grace_s, (int, float)) or not math.isfinite(grace_s) or grace_s < 0:
+            raise BadInputError(f"invalid gc grace period {grace_s!r}: give a number of seconds >= 0")
         with self._session() as s:
             live = set(s.exec(select(AdapterVersion.location).where(AdapterVersion.status == "ready")).all())
             live |= set(s.exec(select(RouterVersion.location).where(RouterVersion.status == "ready")).all())
@@ -730,9 +748,14 @@ class Registry:
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():
-            if loc not in live and now - self.store.path(loc).stat().st_mtime >= grace_s:
-                freed += self.store.remove(loc)
-                removed += 1
+            if loc in live:
+                continue
+            try:
+                if now - self.store.path(loc).stat().st_mtime >= grace_s:
+                    freed += self.store.remove(loc)
+                    removed += 1
+            except FileNotFoundError:  # another gc (another process) removed it first
+                continue
         return {"artifacts_removed": removed, "bytes_freed": freed,
                 "temp_removed": self.store.remove_stale_temp(grace_s)}
 

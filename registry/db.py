@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 from registry import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -23,7 +23,22 @@ BUSY_TIMEOUT_S = 60
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine for `url` with plait's SQLite settings where it is SQLite."""
+    """Create an engine for `url` with plait's SQLite settings where it is SQLite.
+
+    Raises:
+        BadInputError: the URL does not parse, or names a database whose driver is missing.
+    """
+    if not isinstance(url, str) or not url:
+        raise BadInputError(f"invalid registry database URL {url!r}: use a SQLAlchemy URL such as "
+                            f"sqlite:///path/registry.db or postgresql+psycopg2://user@host/db")
+    try:
+        return _make_engine(url)
+    except (ArgumentError, ImportError) as e:
+        raise BadInputError(f"invalid registry database URL {url!r} ({type(e).__name__}: {e}); use a SQLAlchemy "
+                            f"URL such as sqlite:///path/registry.db or postgresql+psycopg2://user@host/db") from None
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
 

@@ -40,7 +40,7 @@ def list_tree(root: Path) -> list[Path]:
             raise BadInputError(f"{p} is a symbolic link: artifacts may hold regular files only")
         if p.is_file():
             files.append(p)
-        elif not p.is_dir():
+        elif not p.is_dir() and p.exists():  # (one that vanished while listing: a concurrent gc)
             raise BadInputError(f"{p} is not a regular file: artifacts may hold regular files only")
     return files
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from registry.errors import BadInputError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: the largest version number: versions are 32-bit INTEGER columns on PostgreSQL (and SQLite
+#: overflows at 2**63), so a larger number is bad input, not a database failure
+MAX_VERSION = 2**31 - 1
 _NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or control characters)"
 
 
@@ -61,8 +64,12 @@ def parse_ref(text: object) -> Ref:
         raise BadInputError(f"invalid reference {text!r}: {forms}")
     if ":" in text:
         name, _, number = text.partition(":")
-        if not number.isdigit() or int(number) < 1 or not number.isascii():
-            raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers from 1")
+        # one spelling per version ("3", never "03"): refs are stored and compared as text
+        # (a router's covered versions), so "legal:03" must not be a second name of legal:3
+        if (not number.isdigit() or not number.isascii() or number.startswith("0")
+                or not 1 <= int(number) <= MAX_VERSION):
+            raise BadInputError(f"invalid version {number!r} in reference {text!r}: versions are whole numbers "
+                                f"from 1 to {MAX_VERSION}")
         return Ref(validate_name(name, "adapter name"), version=int(number))
     if "@" in text:
         name, _, alias = text.partition("@")

@@ -11,6 +11,7 @@ is checked against the one the caller expects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -104,20 +105,26 @@ class ArtifactStore:
             final = self.root / _OBJECTS / digest[:2] / digest
             final.parent.mkdir(parents=True, exist_ok=True)
             _fault("store.before_rename")
-            if final.exists():
-                self.verify(f"{_OBJECTS}/{digest[:2]}/{digest}", digest)
-                _make_writable(tmp)
-                shutil.rmtree(tmp)
-            else:
+            location = f"{_OBJECTS}/{digest[:2]}/{digest}"
+            try:
+                os.rename(tmp, final)  # atomic; fails when the content is already stored
+            except OSError:
+                if not final.exists():
+                    raise
                 try:
-                    os.rename(tmp, final)
-                except OSError:  # a concurrent writer stored the same content first
-                    if not final.exists():
-                        raise
+                    self.verify(location, digest)
+                    # the caller is about to reference this copy: restart gc's grace period,
+                    # so an old unreferenced copy is not collected between here and the commit
+                    os.utime(final)
                     _make_writable(tmp)
                     shutil.rmtree(tmp)
-                _fsync_path(final.parent)
-            return StoredArtifact(digest, size, f"{_OBJECTS}/{digest[:2]}/{digest}")
+                except IntegrityError:
+                    # a damaged copy (e.g. left by a crash in the middle of an older gc):
+                    # swap in the complete one, so storing the same content again succeeds
+                    self._discard(final)
+                    os.rename(tmp, final)
+            _fsync_path(final.parent)
+            return StoredArtifact(digest, size, location)
         except BaseException:
             if tmp.exists():
                 _make_writable(tmp)
@@ -159,9 +166,23 @@ class ArtifactStore:
         """Delete one stored artifact; returns the bytes freed."""
         p = self.path(location)
         size = sum(f.stat().st_size for f in list_tree(p))
-        _make_writable(p)
-        shutil.rmtree(p)
+        self._discard(p)
         return size
+
+    def _discard(self, p: Path) -> None:
+        """Delete a stored folder, crash-safely: it leaves its place in one atomic rename.
+
+        A process killed inside `rmtree` would otherwise leave a half-deleted artifact at
+        its content address; moved into the temp area first, the leftover is only a temp
+        folder that `remove_stale_temp` deletes.
+        """
+        trash = self.root / _TMP / f"trash-{uuid.uuid4().hex}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(p, trash)
+        _fault("store.remove")
+        with contextlib.suppress(FileNotFoundError):  # a concurrent gc's temp sweep may get there first
+            _make_writable(trash)
+        shutil.rmtree(trash, ignore_errors=True)  # anything left is a temp folder the next gc removes
 
     def remove_stale_temp(self, older_than_s: float = 600.0) -> int:
         """Delete temp folders left by crashed writers; returns how many."""
@@ -170,8 +191,12 @@ class ArtifactStore:
             return 0
         now, removed = time.time(), 0
         for d in tmp_root.iterdir():
-            if now - d.stat().st_mtime >= older_than_s:
+            try:  # another gc may be deleting the same folders: what vanished is done
+                if now - d.stat().st_mtime < older_than_s:
+                    continue
                 _make_writable(d)
-                shutil.rmtree(d, ignore_errors=True)
-                removed += 1
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
         return removed

@@ -502,16 +502,16 @@ class CompositionEngine:
             routing: one routing per row, or one routing (name, mapping, Routing, None) for all rows.
             batch_size: the number of rows the model will be called with.
         """
-        routes = self._resolve(routing, batch_size)
-        lora_rows: list[list[tuple[int, float]]] = []
-        bn_rows: list[list[tuple[int, float]]] = []
-        for r in routes:
-            lora_rows.append([])
-            bn_rows.append([])
-            for n, w in r.adapters:
-                info = self._adapters[n]
-                (lora_rows if _family(info.kind) == "lora" else bn_rows)[-1].append((info.slot, w))
-        with self._lock:
+        with self._lock:  # adapters cannot come or go between resolving names and the forward pass
+            routes = self._resolve(routing, batch_size)
+            lora_rows: list[list[tuple[int, float]]] = []
+            bn_rows: list[list[tuple[int, float]]] = []
+            for r in routes:
+                lora_rows.append([])
+                bn_rows.append([])
+                for n, w in r.adapters:
+                    info = self._adapters[n]
+                    (lora_rows if _family(info.kind) == "lora" else bn_rows)[-1].append((info.slot, w))
             self._ctx.lora = self._kind_routing(lora_rows, self._n_lora)
             self._ctx.bottleneck = self._kind_routing(bn_rows, self._n_bn)
             try:

@@ -32,7 +32,10 @@ def test_train_on_the_tiny_base_prints_a_summary_and_json(workspace, tmp_path, c
     code, out, err = cli(capsys, "train", "law", "--data", data, "--steps", 2, "--max-length", 32, "--from", "law:1",
                          "--dtype", "fp32", "--json", *w)
     assert code == 0, err
-    summary = json.loads(out)
+    added = json.loads(out)
+    summary = added["train"]
+    assert added["router"]["covers"] == ["law:2"]  # the router now serves the new version for law
+    assert added["audit"]["passed"] is True and added["audit"]["domains"] == ["law"]
     assert summary["ref"] == "law:2" and summary["parents"] == [{"ref": "law:1", "relation": "warm-start",
                                                                  "weight": None}]
     assert set(summary["metrics"]) == METRICS
@@ -79,9 +82,11 @@ def test_train_each_kind_on_smollm2_through_the_cli(tmp_path, capsys, monkeypatc
     data = write_jsonl(tmp_path / "fin.jsonl", rows("finance", 24))
     for kind in ("lora", "qlora", "bottleneck"):
         code, out, err = cli(capsys, "train", "finance", "--name", f"fin-{kind}", "--method", kind, "--data", data,
-                             "--steps", 3, "--batch-size", 2, "--max-length", 64, "--lr", 2e-3, "--json", *w)
+                             "--steps", 3, "--batch-size", 2, "--max-length", 64, "--lr", 2e-3, "--no-audit", "--json", *w)
         assert code == 0, err
-        s = json.loads(out)
+        added = json.loads(out)
+        s = added["train"]
+        assert added["router"]["covers"] == [f"fin-{kind}:1"] and "audit" not in added
         assert s["ref"] == f"fin-{kind}:1" and s["kind"] == kind and s["steps"] == 3
         assert set(s["metrics"]) == METRICS
         assert s["metrics"]["eval_loss"] < s["metrics"]["base_eval_loss"]

@@ -10,6 +10,7 @@ import torch
 from tests.train_helpers import write_jsonl
 from registry.client import Registry
 from registry.errors import BadInputError, IncompatibleBaseError, NotFoundError
+from training.data import load_domain_data
 from training.methods import get_method
 from training.trainer import (TrainConfig, check_only_adapter_trainable, fast_bf16, resolve_dtype, train_domain)
 
@@ -141,6 +142,13 @@ def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):
     assert warm.version.ref == "apples:2" and warm.version.kind == "lora"
     assert warm.version.parents == [{"ref": "apples:1", "relation": "warm-start", "weight": None}]
     assert warm.losses[0] < first.losses[0] - 0.2
+    # the first run froze the domain's eval split; later runs keep it
+    frozen = reg.get_domain_eval("apples")
+    assert frozen == [{"text": r.text} for r in load_domain_data(data["a"]).eval]
+    with pytest.raises(BadInputError, match=r"adapter 'apples' is a lora adapter of domain 'apples'; a bottleneck"):
+        train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", steps=1))
+    with pytest.raises(BadInputError, match=r"a warm start keeps the shape of apples:1; leave out --rank"):
+        train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(from_ref="apples:1", rank=4))
     with pytest.raises(BadInputError, match="apples:1 is a lora adapter; warm-start it with --method lora"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", from_ref="apples:1"))
 

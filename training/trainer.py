@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import BadInputError, NotFoundError, PlaitError
+from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
 from registry.names import parse_ref, validate_name
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
@@ -79,7 +79,7 @@ class TrainConfig:
     eval_fraction: float = 0.1
     """share of the rows held out for eval when no eval file is given"""
     eval_batch_size: int | None = None
-    """examples per eval batch; None = 2 x batch_size"""
+    """examples per eval batch; None = batch_size (so eval never peaks above training)"""
     checkpoint_every: int = 50
     """write a checkpoint every N steps (0 = never)"""
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -183,9 +183,10 @@ def token_loss_sum(model, batch: dict, dtype: str, device: str):
     with _autocast(dtype, device):
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)[:, 1:]
-    logits = logits[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+    # shift the labels, not the logits: slicing [B, L, vocab] logits would copy them (200 MB at
+    # SmolLM2's 49k vocab, batch 8 x 128); the last position's label is -100
+    labels = F.pad(batch["labels"].to(device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, int((labels != IGNORE_INDEX).sum())
 
@@ -403,6 +404,16 @@ def _base_state(model) -> dict[str, Any]:
     return dict(model.named_parameters())
 
 
+def _log_losses(run, losses: list[float]) -> None:
+    """The loss of every step as MLflow metric history, in batches (one call per 1000 steps)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_loss", float(v), now, i) for i, v in enumerate(losses, start=1)]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
+        run.client.log_batch(run.run_id, metrics=metrics[i:i + 1000])
+
+
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
@@ -446,10 +457,17 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         warm = (warm_info, warm_path)
     kind = warm[0].kind if warm else (cfg.method or "lora")
     method = get_method(kind)
+    for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
+        if (v.kind, v.domain) != (kind, domain):
+            raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
+                                f"domain {domain!r} needs another name (--name)")
     dtype = resolve_dtype(cfg.dtype)
     lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
 
     if warm:
+        if cfg.rank is not None or cfg.method_options:
+            raise BadInputError(f"a warm start keeps the shape of {warm[0].ref}; leave out --rank and --option "
+                                f"(or train a fresh adapter without --from)")
         settings = method.read_config(warm[1])
     else:
         options = dict(cfg.method_options)
@@ -466,7 +484,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     train_ex = tokenize_rows(dd.train, tok, cfg.max_length)
     eval_ex = tokenize_rows(dd.eval, tok, cfg.max_length)
     total = _total_steps(cfg, len(train_ex))
-    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
@@ -481,7 +499,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
                 or state["base_fingerprint"] != loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
-                          if run_key.get(k) != state["run_key"].get(k)) or ["data or base"]
+                          if run_key.get(k) != state["run_key"].get(k))
+            if not diff:
+                raise BadInputError(f"the checkpoint in {ckpt} was made on other data or another base; resume with "
+                                    f"the same data and base, or drop --resume")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
                                 f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
         model = method.load(loaded.model, ckpt / "adapter", trainable=True)
@@ -539,14 +560,17 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         with (tracking.run(EXPERIMENT, f"{name}-{domain}", params, tags={"plait.domain": domain, "plait.kind": kind})
               if tracking else contextlib.nullcontext()) as run:
             if run is not None:
-                for i, value in enumerate(all_losses, start=1):
-                    run.log_metrics({"train_loss": value}, step=i)
+                _log_losses(run, all_losses)
                 run.log_metrics(metrics, step=total)
                 run.log_artifacts(out, "adapter")
             info = registry.register_version(
                 name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint,
                 config=version_config, parents=parents, data_fingerprint=dd.fingerprint,
                 mlflow_run_id=run.run_id if run is not None else None, metrics=metrics)
+    try:  # the domain's first eval split is frozen in the registry for audits
+        registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
+    except ConflictError:
+        pass  # an earlier run froze this domain's eval set; audits keep using that one
     shutil.rmtree(ckpt, ignore_errors=True)
     model.eval()
     return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)

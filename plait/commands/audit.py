@@ -15,6 +15,11 @@ def print_audit(result) -> None:
     from rich.table import Table
 
     c = console()
+    if not result.matrices:  # stopped at the integrity check
+        c.print(f"[bold red]FAILED[/bold red] audit #{result.audit_id}: report {result.out_dir}/report.md")
+        for r in result.reasons:
+            c.print(f"  [red]- {r}[/red]")
+        return
     systems = list(result.current)
     table = Table("domain", *systems, "routed acc.", title=f"audit #{result.audit_id}: mean token loss, final stage")
     for d in result.domains:

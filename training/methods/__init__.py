@@ -75,6 +75,10 @@ class Method:
 
         config = config if config is not None else self.config_cls()
         base = load_base(spec, **self.base_kwargs(config, compute_dtype))
+        import torch
+
+        if torch.cuda.is_available() and not base.quantized:  # 4-bit bases are placed by their loader
+            base.model.to("cuda")
         fn = getattr(self.module, "prepare_base", None)
         if fn:
             fn(base.model)
