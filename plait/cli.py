@@ -17,6 +17,7 @@ from plait.commands import registry as registry_cmd
 from plait.commands import audit as audit_cmd
 from plait.commands import demo as demo_cmd
 from plait.commands import route as route_cmd
+from plait.commands import serve as serve_cmd
 from plait.commands import train as train_cmd
 from plait.commands._common import JsonOpt, WorkspaceOpt, print_json
 
@@ -33,6 +34,7 @@ app.command("train")(train_cmd.train)
 app.command("route")(route_cmd.route)
 app.command("generate")(route_cmd.generate)
 app.command("audit")(audit_cmd.audit)
+app.command("serve")(serve_cmd.serve)
 app.command("demo")(demo_cmd.demo)
 
 

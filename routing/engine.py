@@ -45,7 +45,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -693,7 +693,8 @@ class CompositionEngine:
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      routing: Sequence[RoutingLike] | RoutingLike = None, *, max_new_tokens: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
+                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                     on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None) -> torch.Tensor:
         """Generate from left-padded token ids with a KV cache; each row keeps its routing.
 
         Args:
@@ -704,6 +705,10 @@ class CompositionEngine:
             do_sample: sample (with temperature and nucleus top_p) instead of greedy decoding.
             seed: seeds the sampling generator, making sampling reproducible.
             eos_token_id: stop token(s); default the tokenizer's / model's.
+            on_step: called after every decoding step with the step's new token ids [B] and the
+                rows that have emitted eos so far [B] (both on the CPU), e.g. to stream tokens
+                while the batch is still running (`plait serve`). Returning True stops
+                generation after this step (e.g. every row reached its own length limit).
 
         Returns:
             [B, n] new token ids; rows that stopped early are filled with the pad id after eos.
@@ -740,6 +745,8 @@ class CompositionEngine:
                 new.append(nxt)
                 if eos_t is not None:
                     done |= torch.isin(nxt, eos_t)
+                if on_step is not None and on_step(nxt.cpu(), done.cpu()):
+                    break
                 if bool(done.all()):
                     break
                 step_ids = nxt[:, None]
