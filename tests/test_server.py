@@ -167,7 +167,7 @@ def test_auto_routes_and_matches_engine(served):
             want = rm.engine.generate([prompt], Routing.blend([(a["ref"], a["weight"]) for a in info["adapters"]]),
                                       max_new_tokens=6)[0]
         assert r.choices[0].text == want
-    route = requests.post(served[2].url + "/v1/route", json={"input": ["the cat on the mat", "the court"], "top_k": 2})
+    route = requests.post(served[2].url + "/v1/route", json={"input": ["the cat on the mat", "the court and the contract"], "top_k": 2})
     assert route.status_code == 200
     data = route.json()["data"]
     assert [d["domain"] for d in data] == ["cats", "law"]
