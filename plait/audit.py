@@ -364,13 +364,12 @@ def write_report(result: AuditResult, out: Path) -> None:
     """report.md, audit.json and one heatmap PNG per system into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result.summary(), indent=2, default=str))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # the object API, not pyplot: no global backend switch in the caller's process (a notebook)
+    from matplotlib.figure import Figure
 
     systems = list(result.matrices)
-    fig, axes = plt.subplots(1, len(systems), figsize=(3.2 * len(systems) + 1, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(systems) + 1, 3.4))
+    axes = fig.subplots(1, len(systems), squeeze=False)
     n = len(result.domains)
     for ax, s in zip(axes[0], systems):
         R = [[float("nan") if v is None else v for v in row] for row in result.matrices[s]]
@@ -387,7 +386,6 @@ def write_report(result: AuditResult, out: Path) -> None:
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "heatmap.png", dpi=130)
-    plt.close(fig)
     lines = [f"# plait forgetting audit #{result.audit_id}", "",
              f"**{'PASSED' if result.passed else 'FAILED'}** — domains in order: {', '.join(result.domains)}; "
              f"gate: forgetting <= {result.max_forgetting} nats (own, routed), integrity, control set.", ""]
