@@ -19,7 +19,6 @@ from training.base import load_base
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "plait-walkthrough")
 ws = Workspace.init(root / ".plait", base_model="smollm2")
 print(f"workspace: {ws.path}")
-base = load_base("smollm2")
 tmp = Path(tempfile.mkdtemp())
 from peft import LoraConfig, get_peft_model  # noqa: E402
 

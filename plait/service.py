@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.errors import BadInputError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, NotFoundError
 from registry.names import parse_ref
 
 
@@ -164,4 +164,4 @@ def check_model_name(model: str) -> str:
     return model
 
 
-__all__ = ["RoutedModel", "Served", "check_model_name", "IntegrityError"]
+__all__ = ["RoutedModel", "Served", "check_model_name"]
