@@ -88,6 +88,24 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...
             (click.exceptions.Abort, typer.Abort))
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter off the terminal: the CLI prints its own progress.
+
+    transformers' "Loading weights" bars and advisory warnings, bitsandbytes' note that the
+    optional `kernels` package is missing (it falls back to its own CPU kernels), and a
+    deprecation warning peft triggers inside transformers. Errors still print; `--debug`
+    leaves everything on.
+    """
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     from registry.errors import PlaitError
@@ -95,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     click_error, usage_error, exit_, abort = _click_errors()
     args = argv if argv is not None else sys.argv[1:]
     debug = os.environ.get("PLAIT_DEBUG") == "1" or "--debug" in args
+    if not debug:
+        quiet_libraries()
     try:
         result = app(args=argv, prog_name="plait", standalone_mode=False)
         return result if isinstance(result, int) else 0

@@ -66,6 +66,7 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
             c.print(f"[dim]{domain}: already trained in this workspace, reused[/dim]")
             continue
         c.rule(f"domain {i + 1}/{len(settings.domains)}: {domain} ({kind})")
+        t_domain = time.time()
         result = ws.add_domain(domain, train_path, eval_path, method=kind, steps=settings.steps,
                                batch_size=settings.batch_size, max_length=settings.max_length, audit=False)
         v, m = result.train.version, result.train.metrics
@@ -74,11 +75,14 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
                 f"{result.router.ref} held-out accuracy {result.router.metrics['heldout']['accuracy']:.0%}")
         from plait.audit import run_audit
 
+        t_audit = time.time()
         audit = run_audit(ws, baselines=("sequential",), max_length=settings.max_length,
                           log=lambda msg: c.print(msg, style="dim"))
         c.print(f"audit #{audit.audit_id}: {'passed' if audit.passed else 'FAILED'}; own forgetting "
                 f"{audit.metrics['own']['max_forgetting']:+.4f}, routed {audit.metrics['routed']['max_forgetting']:+.4f}, "
                 f"sequential {audit.metrics.get('sequential', {}).get('max_forgetting', float('nan')):+.4f} nats")
+        c.print(f"[dim]{domain}: {time.time() - t_domain:.0f} s (training and router {t_audit - t_domain:.0f} s, "
+                f"audit with the baseline {time.time() - t_audit:.0f} s; {time.time() - t0:.0f} s so far)[/dim]")
     if audit is None:  # everything was reused: audit the current state once
         from plait.audit import run_audit
 
