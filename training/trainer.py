@@ -11,7 +11,8 @@ An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
 Checkpoints hold the adapter (its kind's own safetensors layout), the optimizer state
 (tensors as safetensors, scalars as JSON), the step and the RNG state; nothing is pickled.
 The batch of step k is a function of (seed, k) alone, so `resume=True` continues
-bit-exactly where an interrupted run stopped (on CPU).
+bit-exactly where an interrupted run stopped (on CPU), and under a launcher every
+data-parallel process can take its shard of the same global batch (`training.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitEr
 from registry.names import parse_ref, validate_name
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
+from training.distributed import DataParallel, data_parallel
 from training.methods import Method, count_trainable, get_method
 
 DTYPES = ("auto", "fp32", "bf16")
@@ -335,12 +337,17 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
                 on_step: Callable[[int, float], None] | None = None,
                 checkpoint: Callable[[int, list[float], int, float], None] | None = None,
                 checkpoint_every: int = 0,
-                progress: bool = False) -> tuple[list[float], int, float]:
+                progress: bool = False,
+                parallel: DataParallel | None = None) -> tuple[list[float], int, float]:
     """Run optimizer steps `start`..`total-1`.
 
     The first steps check that every trainable tensor receives a gradient (a grad that is
     None, or zero for every step checked, means training would silently learn nothing,
     as in the bitsandbytes CPU repacking trap).
+
+    With `parallel`, each rank runs its shard of every global batch and the gradients are
+    summed across ranks and divided by the global labelled-token count before the step (see
+    `training.distributed`); losses and token counts are the global ones.
 
     Returns:
         (loss of each step run, labelled-or-not tokens seen, seconds spent in steps)
@@ -363,15 +370,29 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
     with bar:
         for step in range(start, total):
             t0 = time.perf_counter()
-            batch = collate(batch_at(examples, step, batch_size, seed), pad_id)
-            loss_sum, n = token_loss_sum(model, batch, dtype, device)
-            loss = loss_sum / max(n, 1)
-            loss.backward()
-            if step < check_until:
+            examples_now = batch_at(examples, step, batch_size, seed)
+            shard = examples_now if parallel is None else parallel.shard(examples_now)
+            if parallel is None:
+                batch = collate(examples_now, pad_id)
+                loss_sum, n = token_loss_sum(model, batch, dtype, device)
+                loss = loss_sum / max(n, 1)
+                loss.backward()
+                value, step_tokens = float(loss.detach()), int(batch["attention_mask"].sum())
+            else:
+                local_sum, n, local_tokens = 0.0, 0, 0
+                if shard:  # the summed loss: its gradients add up across ranks (see training.distributed)
+                    batch = collate(shard, pad_id)
+                    loss_sum, n = token_loss_sum(model, batch, dtype, device)
+                    loss_sum.backward()
+                    local_sum, local_tokens = float(loss_sum.detach()), int(batch["attention_mask"].sum())
+            if step < check_until and shard:
                 missing = [name for name, p in trainable if p.grad is None]
                 if missing:
                     raise GradientError(f"trainable tensor {missing[0]} received no gradient ({len(missing)} in all); "
                                         f"the adapter would not learn (for qlora on CPU: see FACTS.md, 4-bit repacking)")
+            if parallel is not None:
+                value, _, step_tokens = parallel.reduce(params, local_sum, n, local_tokens)
+            if step < check_until:
                 unseen -= {name for name, p in trainable if bool(p.grad.detach().abs().sum() > 0)}
                 if step == check_until - 1 and unseen and check_until - start >= 2:
                     raise GradientError(f"trainable tensor {sorted(unseen)[0]} received only zero gradients in the "
@@ -382,8 +403,7 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds += time.perf_counter() - t0
-            tokens += int(batch["attention_mask"].sum())
-            value = float(loss.detach())
+            tokens += step_tokens
             losses.append(value)
             bar.update(task, advance=1, loss=f"{value:.4f}", tps=f"{tokens / max(seconds, 1e-9):.0f}")
             if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
@@ -417,8 +437,13 @@ def _log_losses(run, losses: list[float]) -> None:
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                 on_step: Callable[[int, float], None] | None = None) -> TrainResult | None:
     """Train a new adapter version for `domain` and register it.
+
+    Under a launcher (`accelerate launch`, `torchrun`: WORLD_SIZE > 1) the run is data-parallel
+    (`training.distributed`): every process trains on its share of each global batch of
+    `config.batch_size` examples, and rank 0 alone evaluates, checkpoints, logs to MLflow and
+    registers the one version; the other ranks wait until it is registered and return None.
 
     Args:
         registry: a `registry.client.Registry`.
@@ -433,10 +458,12 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
             (its last checkpoint stays for `resume`).
 
     Returns:
-        the registered version, its metrics, the losses and the trained model.
+        the registered version, its metrics, the losses and the trained model (None on a
+        data-parallel rank other than 0).
 
     Raises:
-        BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start.
+        BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start,
+            or a batch size that does not split across the data-parallel processes.
         GradientError: a trainable tensor received no gradient.
     """
     import torch
@@ -447,6 +474,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     validate_name(domain, "domain name")
     name = cfg.name or domain
     validate_name(name, "adapter name")
+    parallel = data_parallel()
+    if parallel is not None:
+        parallel.check_batch_size(cfg.batch_size)
+    main = parallel is None or parallel.is_main
 
     warm = None
     if cfg.from_ref is not None:
@@ -518,9 +549,13 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         start, prior_losses = state["step"], list(state["losses"])
         prior_tokens, prior_seconds = state["tokens"], state["seconds"]
         rng_after_resume = torch.get_rng_state()
+    if parallel is not None:  # every rank starts from rank 0's adapter, whatever its RNG did
+        parallel.broadcast([p for p in model.parameters() if p.requires_grad])
     # the base's loss on the same split, through the same code path (adapter switched off)
-    with method.disabled(model):
-        base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+    base_eval = None
+    if main:
+        with method.disabled(model):
+            base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
     if cfg.resume:
         torch.set_rng_state(rng_after_resume)  # eval draws nothing today; keep it so if it ever does
 
@@ -531,8 +566,11 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     losses, tokens, seconds = train_steps(
         model, method, optimizer, train_ex, start=start, total=total, batch_size=cfg.batch_size, seed=cfg.seed,
-        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint if main else None,
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and main, parallel=parallel)
+    if not main:  # rank 0 evaluates and registers; return once the version exists
+        parallel.barrier()
+        return None
     all_losses = prior_losses + losses
     tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
     after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
@@ -546,7 +584,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         "method": kind, "adapter": asdict(settings), "base": str(base), "base_quantized": loaded.quantized,
         "dtype": dtype, "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
-        "warm_start": warm[0].ref if warm else None,
+        "warm_start": warm[0].ref if warm else None, "processes": parallel.world_size if parallel else 1,
         "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
                  "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
     parents = [(warm[0].ref, "warm-start")] if warm else []
@@ -572,5 +610,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     except ConflictError:
         pass  # an earlier run froze this domain's eval set; audits keep using that one
     shutil.rmtree(ckpt, ignore_errors=True)
+    if parallel is not None:
+        parallel.barrier()
     model.eval()
     return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)
