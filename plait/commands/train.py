@@ -52,7 +52,8 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Adapter name (default: the domain).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step (the global batch when data-parallel).")] = 4,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Examples per step (the global batch when data-parallel).")] = 4,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 256,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-4; bottleneck 1e-3).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (bottleneck: bottleneck size).")] = None,
