@@ -10,6 +10,8 @@ An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
 
 Checkpoints hold the adapter (its kind's own safetensors layout), the optimizer state
 (tensors as safetensors, scalars as JSON), the step and the RNG state; nothing is pickled.
+A new checkpoint replaces the last one so that a crash at any moment leaves a complete
+one, and `resume` takes the newest complete one (`save_checkpoint`, `latest_checkpoint`).
 The batch of step k is a function of (seed, k) alone, so `resume=True` continues
 bit-exactly where an interrupted run stopped (on CPU), and under a launcher every
 data-parallel process can take its shard of the same global batch (`training.distributed`).
@@ -18,9 +20,11 @@ data-parallel process can take its shard of the same global batch (`training.dis
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -31,13 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
+from registry.hashing import sha256_file
 from registry.names import parse_ref, validate_name
+from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
 from training.methods import Method, count_trainable, get_method
 
 DTYPES = ("auto", "fp32", "bf16")
+STATE_FILE = "trainer_state.json"
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
 EXPERIMENT = "plait-train"
 
@@ -271,42 +278,119 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _siblings(folder: Path) -> tuple[Path, list[Path]]:
+    """A checkpoint slot's `.old` folder and its writers' temp folders.
+
+    Their names start with a dot, which no adapter name may, so they never collide with
+    another adapter's checkpoint folder (an adapter may be named `law.old`).
+    """
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.tmp-[A-Za-z0-9_]{{8}}")
+    temps = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*") if pattern.fullmatch(p.name)] \
+        if folder.parent.is_dir() else []
+    return folder.with_name(f".{folder.name}.old"), temps
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `root` (the checkpoint proves it is whole with this)."""
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int, losses: list[float],
                     tokens: int, seconds: float, run_key: dict, base_fingerprint: str, data_fingerprint: str) -> None:
-    """Write a checkpoint atomically (a temp folder renamed over the previous one)."""
+    """Write a checkpoint so that a crash at any moment leaves a complete one to resume from.
+
+    The new checkpoint is written and fsynced in a temp folder (`.NAME.tmp-XXXXXXXX`) whose
+    `trainer_state.json` comes last and lists every other file's sha256: a folder with a
+    state file that matches its files is complete. Then the previous checkpoint moves aside
+    to `.NAME.old`, the temp folder is renamed to NAME, and the leftovers go. Between any two
+    of these steps at least one complete checkpoint exists, and `latest_checkpoint` finds
+    the newest one (NAME, `.NAME.old` or a finished temp folder), skipping partial ones.
+    """
     import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     method.save(model, tmp / "adapter")
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _fault("checkpoint.write")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
+    for p in tmp.rglob("*"):  # the data reaches the disk before the state file vouches for it
+        _fsync_path(p)
     state = {"step": step, "losses": losses, "tokens": tokens, "seconds": seconds, "run_key": run_key,
-             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    old = folder.with_name(folder.name + ".old")
+             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta,
+             "files": _manifest(tmp)}
+    _write_synced(tmp / ".trainer_state.json.part", json.dumps(state, indent=1, sort_keys=True).encode())
+    os.replace(tmp / ".trainer_state.json.part", tmp / STATE_FILE)
+    _fsync_path(tmp)
+    _fault("checkpoint.before_swap")
+    old, _ = _siblings(folder)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
+        _fault("checkpoint.swap")
     os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(folder.parent)
+    _fault("checkpoint.before_cleanup")
+    old, temps = _siblings(folder)  # the previous checkpoint, and what crashed writers left
+    for leftover in (old, *temps):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_checkpoint_state(folder: Path) -> dict:
-    path = Path(folder) / "trainer_state.json"
+def complete_checkpoint_state(folder: Path) -> dict | None:
+    """The state of the checkpoint in `folder` if every file it lists is there and intact, else None."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        files = state.get("files", {})  # none listed: an older plait's checkpoint, renamed into place whole
+        for rel, want in files.items():
+            path = Path(folder) / rel
+            if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint of the slot `folder`: itself, its `.old`, or a finished temp folder."""
+    folder = Path(folder)
+    old, temps = _siblings(folder)
+    found = [(state["step"], path.stat().st_mtime_ns, str(path)) for path in (folder, old, *temps)
+             if (state := complete_checkpoint_state(path)) is not None]
+    return Path(max(found)[2]) if found else None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Remove the slot `folder` with its `.old` and temp folders."""
+    folder = Path(folder)
+    old, temps = _siblings(folder)
+    for path in (folder, old, *temps):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer state of one checkpoint folder (e.g. the one `latest_checkpoint` found)."""
+    path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise NotFoundError(f"no checkpoint to resume in {folder}; run without --resume to start afresh")
+        raise NotFoundError(f"no checkpoint to resume in {checkpoint}; run without --resume to start afresh")
     return json.loads(path.read_text())
 
 
 def restore_checkpoint(folder: Path, optimizer) -> None:
-    """Load the optimizer state and RNG state saved by `save_checkpoint`."""
+    """Load the optimizer state and RNG state of the checkpoint in `folder`."""
     import torch
     from safetensors.torch import load_file
 
@@ -526,7 +610,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     torch.manual_seed(cfg.seed)
     if cfg.resume:
-        state = read_checkpoint_state(ckpt)
+        found = latest_checkpoint(ckpt)  # the newest complete one: a crash mid-replacement leaves one
+        if found is None:
+            raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
+        state = read_checkpoint_state(found)
         if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
                 or state["base_fingerprint"] != loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
@@ -536,7 +623,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
                                     f"the same data and base, or drop --resume")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
                                 f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
-        model = method.load(loaded.model, ckpt / "adapter", trainable=True)
+        model = method.load(loaded.model, found / "adapter", trainable=True)
     elif warm:
         model = method.load(loaded.model, warm[1], trainable=True)
     else:
@@ -545,7 +632,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
 
     if cfg.resume:
-        restore_checkpoint(ckpt, optimizer)
+        restore_checkpoint(found, optimizer)
         start, prior_losses = state["step"], list(state["losses"])
         prior_tokens, prior_seconds = state["tokens"], state["seconds"]
         rng_after_resume = torch.get_rng_state()
@@ -609,7 +696,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
     except ConflictError:
         pass  # an earlier run froze this domain's eval set; audits keep using that one
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_checkpoints(ckpt)
     if parallel is not None:
         parallel.barrier()
     model.eval()
