@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,21 +38,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes N -m plait.cli ARGS` (on a CPU-only machine
-    `--multi_gpu` just means "N local processes under torchrun"; plait joins them over gloo)."""
+def launch_command(nproc: int, *args) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch --multi_gpu --num_processes N -m plait.cli ARGS` and its environment (on a
+    CPU-only machine `--multi_gpu` just means "N local processes under torchrun"; plait joins them
+    over gloo, on loopback here)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PLAIT_FAULT_POINT"):
         env.pop(var, None)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a container whose hostname does not resolve still runs
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "plait.cli", *map(str, args)]
+    return cmd, env
+
+
+def launch(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(nproc, *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def train_args(ws: Path, data: Path, eval_data: Path, batch_size: int = 4) -> list:
-    return ["train", "law", "--data", data, "--eval", eval_data, "--steps", STEPS, "--batch-size", batch_size,
-            "--max-length", 48, "--lr", LR, "--dtype", "fp32", "--no-audit", "--json", "--workspace", ws]
+def train_args(ws: Path, data: Path, eval_data: Path, batch_size: int = 4, steps: int = STEPS, *extra) -> list:
+    return ["train", "law", "--data", data, "--eval", eval_data, "--steps", steps, "--batch-size", batch_size,
+            "--max-length", 48, "--lr", LR, "--dtype", "fp32", "--no-audit", "--json", *extra, "--workspace", ws]
 
 
 def lora_weights(ws: Path) -> dict[str, torch.Tensor]:
@@ -135,3 +143,37 @@ def test_batch_size_that_does_not_split_is_refused(tmp_path, tiny_base, law_data
     from plait.workspace import Workspace
 
     assert Workspace(ws).registry.search_versions(include_archived=True) == []
+
+
+@pytest.mark.slow
+def test_data_parallel_run_killed_after_a_checkpoint_resumes_data_parallel(tmp_path, tiny_base, law_data, monkeypatch,
+                                                                           capsys):
+    """Every process of a launched run SIGKILLed right after rank 0's step-50 checkpoint; the launched
+    `--resume` finishes from it and registers what one uninterrupted process registers."""
+    import psutil
+
+    monkeypatch.setenv("PLAIT_CACHE", str(tmp_path / "cache"))
+    data, eval_data = law_data
+    dist_ws, single_ws = tmp_path / "dist", tmp_path / "single"
+    for ws in (dist_ws, single_ws):
+        assert main(["init", "--workspace", str(ws), "--base-model", str(tiny_base), "--tracking-uri", "none"]) == 0
+    capsys.readouterr()
+    steps = 60  # the trainer checkpoints every 50 steps
+    cmd, env = launch_command(2, *train_args(dist_ws, data, eval_data, 4, steps))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = dist_ws / "checkpoints" / "law" / "trainer_state.json"
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()  # the launcher and both workers (torchrun starts them in their own sessions)
+    proc.wait()
+    assert json.loads(state.read_text())["step"] == 50
+
+    done = launch(2, *train_args(dist_ws, data, eval_data, 4, steps, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([str(a) for a in train_args(single_ws, data, eval_data, 4, steps)]) == 0
+    got, want = lora_weights(dist_ws), lora_weights(single_ws)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert json.loads(done.stdout)["train"]["steps"] == steps
+    assert not (dist_ws / "checkpoints" / "law").exists()
