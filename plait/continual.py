@@ -98,8 +98,11 @@ def update_router(ws, domain: str, train_texts: list[str], ref: str, *, kind: st
 
 
 def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None = None, config=None, *,
-               audit: bool = True, audit_options: dict[str, Any] | None = None) -> AddDomainResult:
+               audit: bool = True, audit_options: dict[str, Any] | None = None) -> AddDomainResult | None:
     """Train `domain`, register it, freeze its eval set, update the router, then audit.
+
+    In a data-parallel run (`accelerate launch`, `torchrun`) every process trains and rank 0
+    alone does the rest; the other ranks return None once the version is registered.
 
     Args:
         ws: the `plait.Workspace`.
@@ -113,6 +116,8 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
     config = config or TrainConfig()
     dd = load_domain_data(data, eval_data, config.eval_fraction)
     result = train_domain(ws.registry, ws.config.base_model, domain, dd, config=config)
+    if result is None:  # a data-parallel rank other than 0: rank 0 registered the version
+        return None
     # the trainer froze the domain's eval rows; keep its first training rows too, so baselines
     # (sequential fine-tuning) can be rebuilt from the registry alone
     try:

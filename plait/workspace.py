@@ -158,7 +158,7 @@ class Workspace:
         from training.trainer import TrainConfig
 
         result = add_domain(self, domain, data, eval_data, TrainConfig(**train_options), audit=audit)
-        if "routed_model" in self.__dict__:
+        if result is not None and "routed_model" in self.__dict__:
             self.routed_model.refresh()
         return result
 

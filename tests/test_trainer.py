@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,90 @@ def test_resume_continues_bit_exactly(reg, data, tiny_base, tmp_path, kind, opti
     with pytest.raises(NotFoundError, match="no checkpoint to resume"):
         train_domain(reg, tiny_base, "apples", data["a"], checkpoint_dir=ckpt,
                      config=cfg(kind, options, lr, name="resumed", resume=True))
+
+
+# (fault point, the checkpoint `--resume` must continue from): the second checkpoint (step 4 of
+# 7) is cut short at each point of its replacement of the first (step 2)
+CHECKPOINT_FAULTS = [("checkpoint.write", 2),  # the temp folder is partial: ignored
+                     ("checkpoint.before_swap", 4),  # the temp folder is complete, nothing moved yet
+                     ("checkpoint.swap", 4),  # step 2 moved aside to .NAME.old, step 4 not in place
+                     ("checkpoint.before_cleanup", 4)]  # step 4 in place, .NAME.old still there
+
+
+@pytest.mark.parametrize("point,resumes_at", CHECKPOINT_FAULTS, ids=[p for p, _ in CHECKPOINT_FAULTS])
+def test_checkpoint_replacement_survives_a_crash_at_each_point(reg, data, tiny_base, tmp_path, monkeypatch,
+                                                                point, resumes_at):
+    """A crash anywhere in the replacement of a checkpoint leaves a complete one (the newest that
+    is complete is taken; partial temp folders are skipped), and the resumed run is bit-exact."""
+    from safetensors.torch import load_file
+
+    import registry.store as store_mod
+    from training.trainer import latest_checkpoint, read_checkpoint_state
+
+    run = dict(steps=7, checkpoint_every=2)
+    straight = train_domain(reg, tiny_base, "apples", data["a"], config=cfg("lora", {}, 1e-2, name="straight", **run))
+
+    class Crash(BaseException):  # stands for SIGKILL: nothing on the way out cleans up
+        pass
+
+    seen = []
+
+    def crash(at: str) -> None:
+        seen.append(at)
+        # "checkpoint.swap" is first reached by the second checkpoint (the first has nothing to move)
+        if at == point and seen.count(at) == (1 if point == "checkpoint.swap" else 2):
+            raise Crash
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(store_mod, "_fault_hook", crash)
+    with pytest.raises(Crash):
+        train_domain(reg, tiny_base, "apples", data["a"], checkpoint_dir=ckpt,
+                     config=cfg("lora", {}, 1e-2, name="resumed", **run))
+    monkeypatch.setattr(store_mod, "_fault_hook", None)
+    left = sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name)
+    assert ("ckpt" in left) == (point != "checkpoint.swap")  # the window the old code could not resume from
+    assert any(n.startswith(".ckpt.tmp-") for n in left) == (point != "checkpoint.before_cleanup")
+    found = latest_checkpoint(ckpt)
+    assert found is not None and read_checkpoint_state(found)["step"] == resumes_at, left
+
+    resumed = train_domain(reg, tiny_base, "apples", data["a"], checkpoint_dir=ckpt,
+                           config=cfg("lora", {}, 1e-2, name="resumed", resume=True, **run))
+    assert resumed.losses == straight.losses
+    t1 = load_file(str(reg.artifact_path("straight:1")[1] / "adapter_model.safetensors"))
+    t2 = load_file(str(reg.artifact_path("resumed:1")[1] / "adapter_model.safetensors"))
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert [p.name for p in tmp_path.iterdir() if "ckpt" in p.name] == []  # slot, .old and temps all gone
+
+
+def test_a_damaged_checkpoint_is_skipped_for_an_older_complete_one(reg, data, tiny_base, tmp_path):
+    """A checkpoint whose files do not match the sizes and hashes its state lists (a torn write) is
+    not resumed from; the older complete one is, and with none complete `--resume` says so."""
+    from training.trainer import latest_checkpoint, read_checkpoint_state
+
+    ckpt = tmp_path / "ckpt"
+
+    def stop_at_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_domain(reg, tiny_base, "apples", data["a"], checkpoint_dir=ckpt, on_step=stop_at_5,
+                     config=cfg("lora", {}, 1e-2, name="torn", steps=7, checkpoint_every=2))
+    assert read_checkpoint_state(latest_checkpoint(ckpt))["step"] == 4 and not ckpt.with_name(".ckpt.old").exists()
+    import shutil
+
+    shutil.copytree(ckpt, ckpt.with_name(".ckpt.old"))  # an older complete copy, as a crash mid-swap leaves
+    state_file = ckpt.with_name(".ckpt.old") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 2}))
+    weights = ckpt / "optimizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # torn
+    assert latest_checkpoint(ckpt) == ckpt.with_name(".ckpt.old")
+    (ckpt.with_name(".ckpt.old") / "rng.safetensors").write_bytes(b"")
+    assert latest_checkpoint(ckpt) is None
+    with pytest.raises(NotFoundError, match="no checkpoint to resume"):
+        train_domain(reg, tiny_base, "apples", data["a"], checkpoint_dir=ckpt,
+                     config=cfg("lora", {}, 1e-2, name="torn", steps=7, checkpoint_every=2, resume=True))
 
 
 def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):

@@ -10,16 +10,21 @@ An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
 
 Checkpoints hold the adapter (its kind's own safetensors layout), the optimizer state
 (tensors as safetensors, scalars as JSON), the step and the RNG state; nothing is pickled.
+A new checkpoint replaces the last one so that a crash at any moment leaves a complete
+one, and `resume` takes the newest complete one (`save_checkpoint`, `latest_checkpoint`).
 The batch of step k is a function of (seed, k) alone, so `resume=True` continues
-bit-exactly where an interrupted run stopped (on CPU).
+bit-exactly where an interrupted run stopped (on CPU), and under a launcher every
+data-parallel process can take its shard of the same global batch (`training.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -30,12 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
+from registry.hashing import sha256_file
 from registry.names import parse_ref, validate_name
+from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
+from training.distributed import DataParallel, data_parallel
 from training.methods import Method, count_trainable, get_method
 
 DTYPES = ("auto", "fp32", "bf16")
+STATE_FILE = "trainer_state.json"
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
 EXPERIMENT = "plait-train"
 
@@ -269,42 +278,119 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _siblings(folder: Path) -> tuple[Path, list[Path]]:
+    """A checkpoint slot's `.old` folder and its writers' temp folders.
+
+    Their names start with a dot, which no adapter name may, so they never collide with
+    another adapter's checkpoint folder (an adapter may be named `law.old`).
+    """
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.tmp-[A-Za-z0-9_]{{8}}")
+    temps = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*") if pattern.fullmatch(p.name)] \
+        if folder.parent.is_dir() else []
+    return folder.with_name(f".{folder.name}.old"), temps
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `root` (the checkpoint proves it is whole with this)."""
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int, losses: list[float],
                     tokens: int, seconds: float, run_key: dict, base_fingerprint: str, data_fingerprint: str) -> None:
-    """Write a checkpoint atomically (a temp folder renamed over the previous one)."""
+    """Write a checkpoint so that a crash at any moment leaves a complete one to resume from.
+
+    The new checkpoint is written and fsynced in a temp folder (`.NAME.tmp-XXXXXXXX`) whose
+    `trainer_state.json` comes last and lists every other file's sha256: a folder with a
+    state file that matches its files is complete. Then the previous checkpoint moves aside
+    to `.NAME.old`, the temp folder is renamed to NAME, and the leftovers go. Between any two
+    of these steps at least one complete checkpoint exists, and `latest_checkpoint` finds
+    the newest one (NAME, `.NAME.old` or a finished temp folder), skipping partial ones.
+    """
     import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     method.save(model, tmp / "adapter")
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _fault("checkpoint.write")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
+    for p in tmp.rglob("*"):  # the data reaches the disk before the state file vouches for it
+        _fsync_path(p)
     state = {"step": step, "losses": losses, "tokens": tokens, "seconds": seconds, "run_key": run_key,
-             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    old = folder.with_name(folder.name + ".old")
+             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta,
+             "files": _manifest(tmp)}
+    _write_synced(tmp / ".trainer_state.json.part", json.dumps(state, indent=1, sort_keys=True).encode())
+    os.replace(tmp / ".trainer_state.json.part", tmp / STATE_FILE)
+    _fsync_path(tmp)
+    _fault("checkpoint.before_swap")
+    old, _ = _siblings(folder)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
+        _fault("checkpoint.swap")
     os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(folder.parent)
+    _fault("checkpoint.before_cleanup")
+    old, temps = _siblings(folder)  # the previous checkpoint, and what crashed writers left
+    for leftover in (old, *temps):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_checkpoint_state(folder: Path) -> dict:
-    path = Path(folder) / "trainer_state.json"
+def complete_checkpoint_state(folder: Path) -> dict | None:
+    """The state of the checkpoint in `folder` if every file it lists is there and intact, else None."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        files = state.get("files", {})  # none listed: an older plait's checkpoint, renamed into place whole
+        for rel, want in files.items():
+            path = Path(folder) / rel
+            if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint of the slot `folder`: itself, its `.old`, or a finished temp folder."""
+    folder = Path(folder)
+    old, temps = _siblings(folder)
+    found = [(state["step"], path.stat().st_mtime_ns, str(path)) for path in (folder, old, *temps)
+             if (state := complete_checkpoint_state(path)) is not None]
+    return Path(max(found)[2]) if found else None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Remove the slot `folder` with its `.old` and temp folders."""
+    folder = Path(folder)
+    old, temps = _siblings(folder)
+    for path in (folder, old, *temps):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer state of one checkpoint folder (e.g. the one `latest_checkpoint` found)."""
+    path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise NotFoundError(f"no checkpoint to resume in {folder}; run without --resume to start afresh")
+        raise NotFoundError(f"no checkpoint to resume in {checkpoint}; run without --resume to start afresh")
     return json.loads(path.read_text())
 
 
 def restore_checkpoint(folder: Path, optimizer) -> None:
-    """Load the optimizer state and RNG state saved by `save_checkpoint`."""
+    """Load the optimizer state and RNG state of the checkpoint in `folder`."""
     import torch
     from safetensors.torch import load_file
 
@@ -335,12 +421,17 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
                 on_step: Callable[[int, float], None] | None = None,
                 checkpoint: Callable[[int, list[float], int, float], None] | None = None,
                 checkpoint_every: int = 0,
-                progress: bool = False) -> tuple[list[float], int, float]:
+                progress: bool = False,
+                parallel: DataParallel | None = None) -> tuple[list[float], int, float]:
     """Run optimizer steps `start`..`total-1`.
 
     The first steps check that every trainable tensor receives a gradient (a grad that is
     None, or zero for every step checked, means training would silently learn nothing,
     as in the bitsandbytes CPU repacking trap).
+
+    With `parallel`, each rank runs its shard of every global batch and the gradients are
+    summed across ranks and divided by the global labelled-token count before the step (see
+    `training.distributed`); losses and token counts are the global ones.
 
     Returns:
         (loss of each step run, labelled-or-not tokens seen, seconds spent in steps)
@@ -363,15 +454,29 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
     with bar:
         for step in range(start, total):
             t0 = time.perf_counter()
-            batch = collate(batch_at(examples, step, batch_size, seed), pad_id)
-            loss_sum, n = token_loss_sum(model, batch, dtype, device)
-            loss = loss_sum / max(n, 1)
-            loss.backward()
-            if step < check_until:
+            examples_now = batch_at(examples, step, batch_size, seed)
+            shard = examples_now if parallel is None else parallel.shard(examples_now)
+            if parallel is None:
+                batch = collate(examples_now, pad_id)
+                loss_sum, n = token_loss_sum(model, batch, dtype, device)
+                loss = loss_sum / max(n, 1)
+                loss.backward()
+                value, step_tokens = float(loss.detach()), int(batch["attention_mask"].sum())
+            else:
+                local_sum, n, local_tokens = 0.0, 0, 0
+                if shard:  # the summed loss: its gradients add up across ranks (see training.distributed)
+                    batch = collate(shard, pad_id)
+                    loss_sum, n = token_loss_sum(model, batch, dtype, device)
+                    loss_sum.backward()
+                    local_sum, local_tokens = float(loss_sum.detach()), int(batch["attention_mask"].sum())
+            if step < check_until and shard:
                 missing = [name for name, p in trainable if p.grad is None]
                 if missing:
                     raise GradientError(f"trainable tensor {missing[0]} received no gradient ({len(missing)} in all); "
                                         f"the adapter would not learn (for qlora on CPU: see FACTS.md, 4-bit repacking)")
+            if parallel is not None:
+                value, _, step_tokens = parallel.reduce(params, local_sum, n, local_tokens)
+            if step < check_until:
                 unseen -= {name for name, p in trainable if bool(p.grad.detach().abs().sum() > 0)}
                 if step == check_until - 1 and unseen and check_until - start >= 2:
                     raise GradientError(f"trainable tensor {sorted(unseen)[0]} received only zero gradients in the "
@@ -382,8 +487,7 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds += time.perf_counter() - t0
-            tokens += int(batch["attention_mask"].sum())
-            value = float(loss.detach())
+            tokens += step_tokens
             losses.append(value)
             bar.update(task, advance=1, loss=f"{value:.4f}", tps=f"{tokens / max(seconds, 1e-9):.0f}")
             if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
@@ -417,8 +521,13 @@ def _log_losses(run, losses: list[float]) -> None:
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                 on_step: Callable[[int, float], None] | None = None) -> TrainResult | None:
     """Train a new adapter version for `domain` and register it.
+
+    Under a launcher (`accelerate launch`, `torchrun`: WORLD_SIZE > 1) the run is data-parallel
+    (`training.distributed`): every process trains on its share of each global batch of
+    `config.batch_size` examples, and rank 0 alone evaluates, checkpoints, logs to MLflow and
+    registers the one version; the other ranks wait until it is registered and return None.
 
     Args:
         registry: a `registry.client.Registry`.
@@ -433,10 +542,12 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
             (its last checkpoint stays for `resume`).
 
     Returns:
-        the registered version, its metrics, the losses and the trained model.
+        the registered version, its metrics, the losses and the trained model (None on a
+        data-parallel rank other than 0).
 
     Raises:
-        BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start.
+        BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start,
+            or a batch size that does not split across the data-parallel processes.
         GradientError: a trainable tensor received no gradient.
     """
     import torch
@@ -447,6 +558,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     validate_name(domain, "domain name")
     name = cfg.name or domain
     validate_name(name, "adapter name")
+    parallel = data_parallel()
+    if parallel is not None:
+        parallel.check_batch_size(cfg.batch_size)
+    main = parallel is None or parallel.is_main
 
     warm = None
     if cfg.from_ref is not None:
@@ -495,7 +610,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     torch.manual_seed(cfg.seed)
     if cfg.resume:
-        state = read_checkpoint_state(ckpt)
+        found = latest_checkpoint(ckpt)  # the newest complete one: a crash mid-replacement leaves one
+        if found is None:
+            raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
+        state = read_checkpoint_state(found)
         if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
                 or state["base_fingerprint"] != loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
@@ -505,7 +623,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
                                     f"the same data and base, or drop --resume")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
                                 f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
-        model = method.load(loaded.model, ckpt / "adapter", trainable=True)
+        model = method.load(loaded.model, found / "adapter", trainable=True)
     elif warm:
         model = method.load(loaded.model, warm[1], trainable=True)
     else:
@@ -514,13 +632,17 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
 
     if cfg.resume:
-        restore_checkpoint(ckpt, optimizer)
+        restore_checkpoint(found, optimizer)
         start, prior_losses = state["step"], list(state["losses"])
         prior_tokens, prior_seconds = state["tokens"], state["seconds"]
         rng_after_resume = torch.get_rng_state()
+    if parallel is not None:  # every rank starts from rank 0's adapter, whatever its RNG did
+        parallel.broadcast([p for p in model.parameters() if p.requires_grad])
     # the base's loss on the same split, through the same code path (adapter switched off)
-    with method.disabled(model):
-        base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+    base_eval = None
+    if main:
+        with method.disabled(model):
+            base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
     if cfg.resume:
         torch.set_rng_state(rng_after_resume)  # eval draws nothing today; keep it so if it ever does
 
@@ -531,8 +653,11 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     losses, tokens, seconds = train_steps(
         model, method, optimizer, train_ex, start=start, total=total, batch_size=cfg.batch_size, seed=cfg.seed,
-        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint if main else None,
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and main, parallel=parallel)
+    if not main:  # rank 0 evaluates and registers; return once the version exists
+        parallel.barrier()
+        return None
     all_losses = prior_losses + losses
     tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
     after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
@@ -546,7 +671,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         "method": kind, "adapter": asdict(settings), "base": str(base), "base_quantized": loaded.quantized,
         "dtype": dtype, "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
-        "warm_start": warm[0].ref if warm else None,
+        "warm_start": warm[0].ref if warm else None, "processes": parallel.world_size if parallel else 1,
         "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
                  "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
     parents = [(warm[0].ref, "warm-start")] if warm else []
@@ -571,6 +696,8 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
     except ConflictError:
         pass  # an earlier run froze this domain's eval set; audits keep using that one
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_checkpoints(ckpt)
+    if parallel is not None:
+        parallel.barrier()
     model.eval()
     return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)

@@ -52,7 +52,8 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Adapter name (default: the domain).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 4,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Examples per step (the global batch when data-parallel).")] = 4,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 256,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-4; bottleneck 1e-3).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (bottleneck: bottleneck size).")] = None,
@@ -71,6 +72,8 @@ def train(
     """Train a new adapter for DOMAIN, register it, update the router, then audit forgetting.
 
     Nothing learned before is touched: earlier adapters and the base stay bit-identical.
+    Under `accelerate launch` or `torchrun` the training is data-parallel and rank 0 alone
+    registers and prints.
     """
     from plait.continual import add_domain
     from training.trainer import TrainConfig
@@ -82,6 +85,8 @@ def train(
         method_options=_options(option or []), progress=not json_)
     added = add_domain(ws, domain, data, eval_, config, audit=audit,
                        audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")})
+    if added is None:  # a data-parallel rank other than 0: rank 0 prints the result
+        return
     if json_:
         return print_json(added.summary())
     result = added.train
