@@ -150,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--lm-heldout", type=int, default=20, help="held-out articles per domain for LM routers")
     ap.add_argument("--steps", type=int, default=40, help="LoRA training steps per domain")
     ap.add_argument("--skip-lm", action="store_true", help="only the embedding router")
+    ap.add_argument("--full-articles", action="store_true",
+                    help="also the default router on whole articles (first 256 word pieces) instead of 400 characters")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -182,6 +184,14 @@ def main(argv=None):
         r = EmbeddingRouter(encoder=MiniLMEncoder(bf16=bf16), **kw).fit(data)
         rows.append(evaluate(name, r, heldout, calib, ood_cal, ood_test, all_held,
                              "MiniLM-L6 forward per query, independent of #domains"))
+    if args.full_articles:  # how much the query's length matters: whole articles, 256 word pieces
+        full = {d: [f"{a.headline}. {a.body}" for a in held[d]] for d in DOMAINS}
+        full_fit = {d: [f"{a.headline}. {a.body}" for a in train[d][:args.fit]] for d in DOMAINS}
+        full_cal = {d: [f"{a.headline}. {a.body}" for a in train[d][args.fit:args.fit + args.calib]] for d in DOMAINS}
+        r = EmbeddingRouter(encoder=MiniLMEncoder(max_seq_length=256), scoring="prototype").fit(full_fit)
+        rows.append(evaluate("embedding (MiniLM, prototype), whole articles, 256 word pieces", r, full, full_cal,
+                             ood_cal, ood_test, [t for v in full.values() for t in v],
+                             "MiniLM-L6 forward per query at 256 word pieces"))
 
     if not args.skip_lm:
         from peft import PeftModel

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each configuration (peak RSS varies by ~10%% run to run with the allocator)")
     ap.add_argument("--data", default="")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
@@ -198,14 +201,21 @@ def main() -> None:
 
     print(f"SmolLM2-135M, LoRA r=8 q/v, batch {args.batch_size} x {args.max_length} tokens, {args.steps} steps, "
           f"{torch.get_num_threads()} threads; plait --dtype auto resolves to {resolve_dtype('auto')}")
-    runs = {}
-    for which in ("plain", "plait-fp32", "plait-auto"):
-        runs[which] = spawn(args, which)
-        print(f"  done {which}: {runs[which]['tokens_per_s']:.0f} tok/s, {runs[which]['peak_rss_mb']:.0f} MB",
-              flush=True)
+    runs, every = {}, {}
+    for rep in range(args.repeats):  # interleaved, so a change of machine load hits every run alike
+        for which in ("plain", "plait-fp32", "plait-auto"):
+            r = spawn(args, which)
+            every.setdefault(which, []).append(r)
+            print(f"  run {rep + 1}/{args.repeats} {which}: {r['tokens_per_s']:.0f} tok/s, {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    for which, rs in every.items():  # the median run by tokens/s; peak RSS: the median over runs
+        runs[which] = dict(sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2])
+        runs[which]["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in rs)
+        runs[which]["all"] = [{"tokens_per_s": r["tokens_per_s"], "peak_rss_mb": r["peak_rss_mb"]} for r in rs]
     fp = spawn(args, "footprint")
     plain = runs["plain"]
     print()
+    print(f"medians of {args.repeats} runs each")
     print(f"{'run':<34}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}{'x plain':>9}{'final loss':>12}")
     labels = {"plain": "peft + transformers Trainer, fp32", "plait-fp32": "plait train --dtype fp32",
               "plait-auto": f"plait train --dtype auto ({resolve_dtype('auto')})"}
