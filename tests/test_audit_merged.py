@@ -117,10 +117,12 @@ def test_reaudit_and_merge_method_on_the_cli(staged, tmp_path, capsys):
     ws = _copy_ws(staged[0], tmp_path)
     before = staged[2].matrices["merged"]
     w = ["--workspace", str(ws.path)]
-    assert main(["audit", "--baseline", "merged", "--json", *w]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert _merged_rows(ws, again["audit_id"]) == set()  # nothing measured, nothing merged again
-    assert again["matrices"]["merged"] == before
+    assert main(["audit", "--baseline", "merged", *w]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "merged baseline (cat):" in out and "bottleneck adapters of sports:1 not mergeable" in out
+    again = ws.registry.get_latest_audit()
+    assert _merged_rows(ws, again.id) == set()  # nothing measured, nothing merged again
+    assert again.summary["matrices"]["merged"] == before
     assert [v.ref for v in ws.registry.search_versions(name="merged-baseline")] == ["merged-baseline:1"]
 
     assert main(["audit", "--baseline", "merged", "--merge", "ties", "--json", *w]) == 0
