@@ -26,9 +26,9 @@ into the matrix R[i][j] (stage i, domain j), and computes ACC, BWT, FWT and per-
 forgetting with Avalanche's definitions (`plait.forgetting`). Figures of earlier stages come
 from the registry's stored audit metrics (name `R.<system>.loss`, with the stage and the
 eval domain; for `merged` also the exact version measured, so a change of method or of a
-stage's adapters is measured afresh), so an audit after domain N measures one new row plus R[N-2][N-1] (the previous
-system on the new domain, for FWT); a stage never audited before is measured once from its
-router version and stored.
+stage's adapters is measured afresh), so an audit after domain N measures one new row plus
+R[N-2][N-1] (the previous system on the new domain, for FWT); a stage never audited before is
+measured once from its router version and stored.
 
 Integrity: every stored artifact must pass its hash check (`Registry.verify`), every covered
 adapter must have been trained on the workspace base (fingerprint), and an adapter's loss on
@@ -52,6 +52,7 @@ from typing import Any
 from plait.continual import AUDIT_CONTROL, row_input
 from plait.forgetting import continual_metrics
 from registry.errors import BadInputError, NotFoundError
+from training.merge import check_method
 
 SYSTEMS = ("base", "own", "routed")
 BASELINES = ("sequential", "merged")
@@ -176,8 +177,6 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     for b in baselines:
         if b not in BASELINES:
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
-    from training.merge import check_method
-
     check_method(merge)
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
