@@ -10,7 +10,8 @@ rsLoRA) and w_j its weight, the three methods are
     ties    TIES-Merging (Yadav et al. 2023, arXiv:2306.01708) of the full deltas ΔW_j: keep each
             delta's top `density` share of entries by magnitude, elect a sign per entry by total
             mass, average the entries that agree; then an SVD back to the largest input rank
-            (peft's `ties_svd`, so differing ranks and target modules mix).
+            (peft's `ties_svd`, so differing ranks and target modules mix). The slow one: a
+            top-k and an SVD per weight matrix (minutes for SmolLM2 on a 2-core CPU).
     linear  peft's `linear`: A = sum_j sqrt(w_j s_j) A_j, B = sum_j sqrt(w_j s_j) B_j. Cheap but an
             approximation (the product has cross terms B_i A_j); needs one rank for all adapters.
 

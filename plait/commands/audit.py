@@ -52,7 +52,7 @@ def audit(
         "domain), merged (the domains' LoRAs merged into one), or none.")] = "none",
     merge: Annotated[str, typer.Option(
         "--merge", help="How the merged baseline merges: cat (exact mean of the LoRA deltas), ties (TIES, "
-        "density 0.2) or linear (peft's approximate linear merge; one rank only).")] = "cat",
+        "density 0.2; slower) or linear (peft's approximate linear merge; one rank only).")] = "cat",
     gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when the audit fails (forgetting or integrity).")] = False,
     max_forgetting: Annotated[float, typer.Option(
         "--max-forgetting", help="Largest allowed forgetting of own/routed, in nats of mean token loss.")] = 0.05,
