@@ -11,13 +11,24 @@ rows, the exact match of the greedy completion) of
     sequential  one LoRA fine-tuned on the domains one after another (baseline: the naive
                 practice that forgets), kept in the registry as the lineage chain
                 `sequential-baseline:1 <- :2 <- ...`, one version per stage
+    merged      the stage's LoRA-family adapters (lora, qlora) merged into one LoRA with peft's
+                `add_weighted_adapter` (baseline: one model for every domain). `--merge cat`
+                (default) is the exact mean of the LoRA deltas (weights 1/n each, n = the LoRAs
+                merged), `ties` is TIES-Merging (weights 1.0, density 0.2, then SVD to the
+                largest rank), `linear` peft's approximate linear merge (one rank only); see
+                `training.merge`. Bottleneck adapters cannot be merged by peft: they are left
+                out and the report says so per stage. A stage with one LoRA uses it as it is;
+                a stage with none has the base model's row. Each true merge is registered as
+                a version of `merged-baseline` (domain `plait-baselines`) with one `merge`
+                lineage edge per parent version and its weight, and reused by later audits.
 
 into the matrix R[i][j] (stage i, domain j), and computes ACC, BWT, FWT and per-domain
 forgetting with Avalanche's definitions (`plait.forgetting`). Figures of earlier stages come
 from the registry's stored audit metrics (name `R.<system>.loss`, with the stage and the
-eval domain), so an audit after domain N measures one new row plus R[N-2][N-1] (the previous
-system on the new domain, for FWT); a stage never audited before is measured once from its
-router version and stored.
+eval domain; for `merged` also the exact version measured, so a change of method or of a
+stage's adapters is measured afresh), so an audit after domain N measures one new row plus
+R[N-2][N-1] (the previous system on the new domain, for FWT); a stage never audited before is
+measured once from its router version and stored.
 
 Integrity: every stored artifact must pass its hash check (`Registry.verify`), every covered
 adapter must have been trained on the workspace base (fingerprint), and an adapter's loss on
@@ -41,10 +52,12 @@ from typing import Any
 from plait.continual import AUDIT_CONTROL, row_input
 from plait.forgetting import continual_metrics
 from registry.errors import BadInputError, NotFoundError
+from training.merge import check_method
 
 SYSTEMS = ("base", "own", "routed")
-BASELINES = ("sequential",)
+BASELINES = ("sequential", "merged")
 SEQUENTIAL = "sequential-baseline"
+MERGED = "merged-baseline"
 BASELINE_DOMAIN = "plait-baselines"
 #: outputs of an unchanged adapter on its own eval set must reproduce to this (nats)
 OUTPUT_TOLERANCE = 1e-4
@@ -66,6 +79,8 @@ class AuditResult:
     reasons: list[str]
     max_forgetting: float
     exact_match: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: how each baseline was built, e.g. {"merged": {"method", "stages": [{..., "note"}]}}
+    baselines: dict[str, Any] = field(default_factory=dict)
     out_dir: str | None = None
     seconds: float = 0.0
 
@@ -86,6 +101,7 @@ class _Auditor:
         self.rows: list[dict[str, Any]] = []  # metrics to store with the audit
         self.eval_cache: dict[str, tuple[list[str], list[str] | None]] = {}
         self.routers: dict[int, Any] = {}
+        self.merge_model = None  # a full-precision base for peft merges, loaded on first use
 
     def eval_set(self, domain: str):
         if domain not in self.eval_cache:
@@ -142,12 +158,13 @@ def _stage_routers(reg, kind: str, domains: list[str]) -> dict[int, Any]:
 
 def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...] | list[str] = (),
               max_forgetting: float = 0.05, out_dir: str | Path | None = None, max_length: int = 256,
-              progress: bool = True, log=print) -> AuditResult:
+              merge: str = "cat", progress: bool = True, log=print) -> AuditResult:
     """Audit the workspace's continual system; see the module docstring.
 
     Args:
         domains: restrict to these domains (default: every domain with an eval set, in order).
-        baselines: any of ("sequential",).
+        baselines: any of ("sequential", "merged").
+        merge: how the merged baseline merges: cat, ties or linear (`training.merge`).
         max_forgetting: the gate's threshold on own/routed forgetting, in nats.
         out_dir: where report.md, audit.json and the heatmaps go (default: workspace/audits/<id>).
         max_length: tokens per eval text.
@@ -160,6 +177,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     for b in baselines:
         if b not in BASELINES:
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
+    check_method(merge)
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
     all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]
@@ -228,6 +246,10 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     # baselines
     if "sequential" in baselines:
         matrices["sequential"] = _sequential(ws, aud, order, all_domains, value, log if progress else None)
+    baseline_info: dict[str, Any] = {}
+    if "merged" in baselines:
+        matrices["merged"], baseline_info["merged"] = _merged(ws, aud, order, all_domains, stage_of, matrices["base"],
+                                                              merge, log if progress else None)
 
     metrics = {s: continual_metrics(R, order, higher_is_better=False, base=base_row).to_dict()
                for s, R in matrices.items()}
@@ -256,11 +278,12 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     passed = not reasons
     current = {s: {d: matrices[s][L][j] for j, d in enumerate(order)} for s in matrices}
     result = AuditResult(None, order, matrices, metrics, current, routing_accuracy, control, integrity, passed,
-                         reasons, max_forgetting)
+                         reasons, max_forgetting, baselines=baseline_info)
 
     summary = {"domains": order, "metrics": metrics, "current": current, "routing_accuracy": routing_accuracy,
                "control": control, "integrity": integrity, "passed": passed, "reasons": reasons,
-               "max_forgetting": max_forgetting, "router": current_stage_info.ref, "matrices": matrices}
+               "max_forgetting": max_forgetting, "router": current_stage_info.ref, "matrices": matrices,
+               "baselines": baseline_info}
     audit = reg.create_audit(domains=order, passed=passed, summary=summary)
     result.audit_id = audit.id
     if aud.rows:
@@ -331,6 +354,107 @@ def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | No
                                  "value": v, "stage": stage})
             R[i][j] = v
     return R
+
+
+def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
+            ) -> tuple[list[list[float | None]], dict[str, Any]]:
+    """The merged baseline's matrix and, per stage, what was merged and what was left out."""
+    from routing.engine import LORA_KINDS, Routing
+    from training.merge import TIES_DENSITY, merge_weights
+
+    reg = ws.registry
+    # a figure is reused only for the exact version it was measured on
+    done = {(m["ref"], m["stage"], m["eval_domain"]): m["value"] for m in reg.search_audit_metrics("R.merged.loss")}
+    R: list[list[float | None]] = [[None] * len(order) for _ in order]
+    stages, loaded_here = [], []
+    for i, d_i in enumerate(order):
+        stage = all_domains.index(d_i)
+        info = stage_of.get(stage)
+        if info is None:
+            continue
+        versions = [reg.get_version(r) for r in info.covers]
+        loras = [v for v in versions if v.kind in LORA_KINDS]
+        skipped = [v.ref for v in versions if v.kind not in LORA_KINDS]
+        weights = merge_weights(method, len(loras)) if loras else []
+        if len(loras) > 1:
+            ref = _merged_version(ws, aud, loras, weights, method, log)
+        else:  # merging one LoRA with weight 1 gives it back: use it as it is
+            ref = loras[0].ref if loras else None
+        entry = {"stage": stage, "domain": d_i, "merged": [v.ref for v in loras], "weights": weights,
+                 "skipped_bottleneck": skipped, "ref": ref}
+        entry["note"] = _merged_note(entry, method)
+        stages.append(entry)
+        for j, d_j in enumerate(order[:i + 2]):  # i + 1: the next domain, for FWT
+            if ref is None:  # nothing to merge: the system is the base model
+                R[i][j] = base_R[i][j]
+                continue
+            v = done.get((ref, stage, d_j))
+            if v is None:
+                if ref not in aud.rm.engine.adapters:
+                    loaded_here.append(ref)
+                if log:
+                    log(f"  measuring merged baseline {ref} (stage {stage + 1}) on {d_j}")
+                v = aud.loss(d_j, Routing.one(aud.load(ref)))
+                aud.rows.append({"ref": ref, "eval_domain": d_j, "name": "R.merged.loss", "value": v, "stage": stage})
+                done[(ref, stage, d_j)] = v
+            R[i][j] = v
+    # the merged adapters served only this measurement: do not leave them in the shared engine
+    for ref in loaded_here:
+        aud.rm.engine.remove_adapter(ref)
+    aud.merge_model = None
+    return R, {"method": method, "density": TIES_DENSITY if method == "ties" else None, "stages": stages}
+
+
+def _merged_version(ws, aud, loras, weights, method, log) -> str:
+    """The registered merge of `loras` (found, or merged with peft and registered now)."""
+    import copy
+    import tempfile
+
+    from training.base import load_base
+    from training.merge import TIES_DENSITY, merge_loras
+
+    reg = ws.registry
+    parents = [v.ref for v in loras]
+    spec = {"merge": method, "parents": parents, "weights": weights,
+            "density": TIES_DENSITY if method == "ties" else None}
+    try:
+        for v in reg.search_versions(name=MERGED):
+            if {k: v.config.get(k) for k in spec} == spec:
+                return v.ref
+    except NotFoundError:
+        pass
+    if log:
+        log(f"  merging {', '.join(parents)} into {MERGED} ({method})")
+    if aud.merge_model is None:
+        aud.merge_model = load_base(ws.config.base_model).model
+    folders = [reg.artifact_path(v)[1] for v in loras]
+    tmp_root = ws.path / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+        out = merge_loras(copy.deepcopy(aud.merge_model), folders, weights, Path(tmp) / "merged", method=method)
+        peft_cfg = json.loads((out / "adapter_config.json").read_text())
+        info = reg.register_version(
+            MERGED, domain=BASELINE_DOMAIN, kind="lora", files=out, base_fingerprint=ws.base_fingerprint,
+            config={**spec, "method": "lora", "r": peft_cfg.get("r"), "target_modules": peft_cfg.get("target_modules")},
+            parents=[(r, "merge", w) for r, w in zip(parents, weights)],
+            description=f"merged baseline: {method} merge of {', '.join(parents)}")
+    return info.ref
+
+
+def _merged_note(entry: dict[str, Any], method: str) -> str:
+    """One line saying what the merged baseline is at a stage."""
+    head = f"after {entry['domain']} (stage {entry['stage'] + 1}): "
+    skipped = entry["skipped_bottleneck"]
+    tail = f"bottleneck adapters of {', '.join(skipped)} not mergeable, left out" if skipped else ""
+    if not entry["merged"]:
+        return head + "no LoRA adapter to merge, the row is the base model" + (f" ({tail})" if tail else "")
+    if len(entry["merged"]) == 1:
+        body = f"one LoRA, {entry['merged'][0]}, used as it is"
+    else:
+        w = entry["weights"]
+        ws_ = f"weights 1/{len(w)} each" if method != "ties" else "weights 1.0 each"
+        body = f"merged LoRA of {', '.join(entry['merged'])} ({method}, {ws_}) = {entry['ref']}"
+    return head + body + (f"; {tail}" if tail else "")
 
 
 def _integrity(ws, aud, order, stored, matrices, L, pos) -> list[str]:
@@ -406,6 +530,10 @@ def write_report(result: AuditResult, out: Path) -> None:
     lines += ["", "Per-domain forgetting:", ""]
     for s, m in result.metrics.items():
         lines.append(f"- {s}: " + (", ".join(f"{d} {v:+.4f}" for d, v in m["forgetting"].items()) or "-"))
+    merged = result.baselines.get("merged")
+    if merged:
+        lines += ["", f"Merged baseline (`--merge {merged['method']}`; peft add_weighted_adapter):", ""]
+        lines += [f"- {st['note']}" for st in merged["stages"]]
     c = result.control
     lines += ["", f"Control set ({c['n']} general texts): base {c['base_loss']:.4f}, routed {c['routed_loss']:.4f} "
               f"(delta {c['delta']:+.4f}), {c['fallback_rate']:.0%} routed to the base.", "",

@@ -31,6 +31,11 @@ def print_audit(result) -> None:
     for s, m in result.metrics.items():
         metrics.add_row(s, f"{m['acc']:.4f}", fmt(m["bwt"]), fmt(m["fwt"]), fmt(m["max_forgetting"]))
     c.print(metrics)
+    merged = result.baselines.get("merged")
+    if merged:
+        c.print(f"merged baseline ({merged['method']}):")
+        for st in merged["stages"]:
+            c.print(f"  {st['note']}", style="dim")
     ctl = result.control
     c.print(f"control set: base {ctl['base_loss']:.4f}, routed {ctl['routed_loss']:.4f} "
             f"({ctl['fallback_rate']:.0%} sent to the base)")
@@ -43,8 +48,11 @@ def print_audit(result) -> None:
 def audit(
     domains: Annotated[str | None, typer.Option("--domains", help="Comma-separated domains (default: all).")] = None,
     baseline: Annotated[str, typer.Option(
-        "--baseline", help="Also measure a baseline: sequential (one LoRA fine-tuned domain after domain) or none.")]
-        = "none",
+        "--baseline", help="Also measure baselines, comma-separated: sequential (one LoRA fine-tuned domain after "
+        "domain), merged (the domains' LoRAs merged into one), or none.")] = "none",
+    merge: Annotated[str, typer.Option(
+        "--merge", help="How the merged baseline merges: cat (exact mean of the LoRA deltas), ties (TIES, "
+        "density 0.2; slower) or linear (peft's approximate linear merge; one rank only).")] = "cat",
     gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when the audit fails (forgetting or integrity).")] = False,
     max_forgetting: Annotated[float, typer.Option(
         "--max-forgetting", help="Largest allowed forgetting of own/routed, in nats of mean token loss.")] = 0.05,
@@ -53,15 +61,20 @@ def audit(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Measure every domain with the base, its own adapter and the routed system; report forgetting."""
-    from plait.audit import run_audit
+    from plait.audit import BASELINES, run_audit
     from registry.errors import BadInputError
+    from training.merge import check_method
 
-    if baseline not in ("none", "sequential"):
-        raise BadInputError(f"unknown baseline {baseline!r}: use sequential or none")
+    chosen = [b.strip() for b in baseline.split(",") if b.strip()]
+    for b in chosen:
+        if b not in (*BASELINES, "none") or (b == "none" and len(chosen) > 1):
+            raise BadInputError(f"unknown baseline {b!r}: use none, or one or more of {', '.join(BASELINES)} "
+                                f"(comma-separated)")
+    check_method(merge)
     ws = open_workspace(workspace)
     result = run_audit(ws, domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
-                       baselines=() if baseline == "none" else (baseline,), max_forgetting=max_forgetting,
-                       out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
+                       baselines=tuple(b for b in chosen if b != "none"), merge=merge,
+                       max_forgetting=max_forgetting, out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
     if json_:
         print_json(result.summary())
     else:
