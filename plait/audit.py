@@ -56,6 +56,8 @@ from training.merge import check_method
 
 SYSTEMS = ("base", "own", "routed")
 BASELINES = ("sequential", "merged")
+#: tokens per eval text of a workspace's first audit, unless given
+DEFAULT_MAX_LENGTH = 256
 SEQUENTIAL = "sequential-baseline"
 MERGED = "merged-baseline"
 BASELINE_DOMAIN = "plait-baselines"
@@ -157,7 +159,7 @@ def _stage_routers(reg, kind: str, domains: list[str]) -> dict[int, Any]:
 
 
 def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...] | list[str] = (),
-              max_forgetting: float = 0.05, out_dir: str | Path | None = None, max_length: int = 256,
+              max_forgetting: float = 0.05, out_dir: str | Path | None = None, max_length: int | None = None,
               merge: str = "cat", progress: bool = True, log=print) -> AuditResult:
     """Audit the workspace's continual system; see the module docstring.
 
@@ -167,7 +169,9 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         merge: how the merged baseline merges: cat, ties or linear (`training.merge`).
         max_forgetting: the gate's threshold on own/routed forgetting, in nats.
         out_dir: where report.md, audit.json and the heatmaps go (default: workspace/audits/<id>).
-        max_length: tokens per eval text.
+        max_length: tokens per eval text; None = the length earlier audits of this workspace
+            used (DEFAULT_MAX_LENGTH for the first). Figures at another length are not comparable
+            with the stored ones, so a different length than earlier audits' is refused.
 
     Returns:
         the `AuditResult` (also stored in the registry and MLflow).
@@ -178,6 +182,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         if b not in BASELINES:
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
     check_method(merge)
+    max_length = _audit_length(reg, max_length)
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
     all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]
@@ -282,7 +287,8 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
 
     summary = {"domains": order, "metrics": metrics, "current": current, "routing_accuracy": routing_accuracy,
                "control": control, "integrity": integrity, "passed": passed, "reasons": reasons,
-               "max_forgetting": max_forgetting, "router": current_stage_info.ref, "matrices": matrices,
+               "max_forgetting": max_forgetting, "max_length": max_length, "router": current_stage_info.ref,
+               "matrices": matrices,
                "baselines": baseline_info}
     audit = reg.create_audit(domains=order, passed=passed, summary=summary)
     result.audit_id = audit.id
@@ -294,6 +300,20 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     write_report(result, out)
     _track(ws, result, out)
     return result
+
+
+def _audit_length(reg, max_length: int | None) -> int:
+    """The eval length of this audit: the one earlier audits used, which an explicit value must match."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise BadInputError(f"--max-length {max_length!r} must be a whole number >= 2 (tokens per eval text)")
+    earlier = [a.summary["max_length"] for a in reg.search_audits() if "max_length" in a.summary]
+    if not earlier:
+        return max_length or DEFAULT_MAX_LENGTH
+    if max_length is not None and max_length != earlier[-1]:
+        raise BadInputError(f"--max-length {max_length} differs from the {earlier[-1]} tokens earlier audits of this "
+                            f"workspace measured with; audit with --max-length {earlier[-1]} (figures at other "
+                            f"lengths are not comparable)")
+    return earlier[-1]
 
 
 def _failed_audit(ws, order, problems, max_forgetting, out_dir, t0) -> AuditResult:

@@ -78,6 +78,19 @@ def test_earlier_stages_come_from_stored_metrics(grown):
     assert audit.matrices["own"][0][0] == first.audit.matrices["own"][0][0]
 
 
+def test_audit_keeps_the_eval_length_of_earlier_audits(grown, tmp_path, capsys):
+    ws, *_ = grown
+    assert all(a.summary["max_length"] == 256 for a in ws.registry.search_audits())
+    copy = _copy_ws(ws, tmp_path)
+    before = copy.registry.dump()
+    code = main(["audit", "--max-length", "64", "--workspace", str(copy.path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --max-length 64 differs from the 256 tokens earlier audits of this workspace measured with; audit "
+        "with --max-length 256 (figures at other lengths are not comparable)")
+    assert copy.registry.dump() == before
+
+
 def test_report_files(grown):
     *_, audit = grown
     out = audit.out_dir

@@ -56,6 +56,9 @@ def audit(
     gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when the audit fails (forgetting or integrity).")] = False,
     max_forgetting: Annotated[float, typer.Option(
         "--max-forgetting", help="Largest allowed forgetting of own/routed, in nats of mean token loss.")] = 0.05,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", help="Tokens per eval text (default: what earlier audits of the workspace used, 256 for "
+        "the first; a different value than earlier audits' is refused).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: WORKSPACE/audits/ID).")] = None,
     json_: JsonOpt = False,
     workspace: WorkspaceOpt = None,
@@ -74,7 +77,7 @@ def audit(
     ws = open_workspace(workspace)
     result = run_audit(ws, domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
                        baselines=tuple(b for b in chosen if b != "none"), merge=merge,
-                       max_forgetting=max_forgetting, out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
+                       max_forgetting=max_forgetting, max_length=max_length, out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
     if json_:
         print_json(result.summary())
     else:
