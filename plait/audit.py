@@ -103,6 +103,7 @@ class _Auditor:
         self.rows: list[dict[str, Any]] = []  # metrics to store with the audit
         self.eval_cache: dict[str, tuple[list[str], list[str] | None]] = {}
         self.routers: dict[int, Any] = {}
+        self.row_cache: dict[tuple, Any] = {}  # (domain, ("base",) | ("one", ref)) -> per-row losses
         self.merge_model = None  # a full-precision base for peft merges, loaded on first use
 
     def eval_set(self, domain: str):
@@ -110,10 +111,45 @@ class _Auditor:
             self.eval_cache[domain] = _texts(self.reg.get_domain_eval(domain))
         return self.eval_cache[domain]
 
-    def loss(self, domain: str, routings) -> float:
+    def row_losses(self, domain: str, routings, key: tuple | None = None):
+        """Per-row losses of the domain's eval set; with `key` (("base",) or ("one", ref): a
+        routing that is the same for every row and fixed for the audit) cached for this audit."""
+        if key is not None and (domain, key) in self.row_cache:
+            return self.row_cache[(domain, key)]
         texts, completions = self.eval_set(domain)
         losses = self.rm.engine.loss(texts, routings, completions=completions)
-        return float(losses.mean())
+        if key is not None:
+            self.row_cache[(domain, key)] = losses
+        return losses
+
+    def loss(self, domain: str, routings, key: tuple | None = None) -> float:
+        return float(self.row_losses(domain, routings, key).mean())
+
+    def routed_row_losses(self, domain: str, decisions):
+        """Per-row losses under the router's decisions. A row sent to the base, or to one adapter
+        with weight 1, has the loss that routing gives it, already measured in this audit for the
+        base or that adapter; only the other rows (blends, adapters not yet measured on this
+        domain) run through the model, as one mixed batch."""
+        import torch
+
+        from routing.engine import Routing
+
+        texts, completions = self.eval_set(domain)
+        out = torch.empty(len(texts))
+        todo = []
+        for i, d in enumerate(decisions):
+            key = ("base",) if not d.adapters else (("one", d.adapters[0].ref)
+                                                    if len(d.adapters) == 1 and d.adapters[0].weight == 1.0 else None)
+            cached = self.row_cache.get((domain, key)) if key else None
+            if cached is not None:
+                out[i] = cached[i]
+            else:
+                todo.append(i)
+        if todo:
+            routings = [Routing.blend([(self.load(a.ref), a.weight) for a in decisions[i].adapters]) for i in todo]
+            out[todo] = self.rm.engine.loss([texts[i] for i in todo], routings,
+                                            completions=[completions[i] for i in todo] if completions else None)
+        return out
 
     def load(self, ref: str) -> str:
         return self.rm.ensure_adapter(ref)
@@ -134,16 +170,17 @@ class _Auditor:
         router = self.stage_router(router_info)
         texts, _ = self.eval_set(domain)
         out = {}
+        # the base, and one adapter version, give the same figure at every stage of one audit:
+        # each is measured once per domain (`row_cache`)
         if "base" in systems:
-            out["base"] = self.loss(domain, Routing.base())
+            out["base"] = self.loss(domain, Routing.base(), key=("base",))
         if "own" in systems:
             own = router.refs.get(domain)
-            out["own"] = self.loss(domain, Routing.one(self.load(own))) if own else out.get("base", self.loss(
-                domain, Routing.base()))
+            out["own"] = (self.loss(domain, Routing.one(self.load(own)), key=("one", own)) if own
+                          else self.loss(domain, Routing.base(), key=("base",)))
         if "routed" in systems:
             decisions = router.route([t[:1000] for t in texts])
-            routings = [Routing.blend([(self.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
-            out["routed"] = self.loss(domain, routings)
+            out["routed"] = float(self.routed_row_losses(domain, decisions).mean())
             out["routing_accuracy"] = sum(d.domain == domain for d in decisions) / len(decisions)
         return out
 
