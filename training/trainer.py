@@ -95,6 +95,9 @@ class TrainConfig:
     """extra options of the adapter kind (e.g. {"placement": "houlsby"} or {"alpha": 32})"""
     progress: bool = True
     """show a progress bar"""
+    evaluate: bool = True
+    """measure eval_loss and base_eval_loss at the end (off for the audit's baselines, which it
+    measures itself on every domain)"""
 
     def __post_init__(self):
         if self.method is not None:
@@ -127,7 +130,7 @@ class TrainConfig:
     def run_key(self) -> dict[str, Any]:
         """The options that decide what a run computes (a checkpoint resumes only the same run)."""
         d = asdict(self)
-        for k in ("resume", "progress", "checkpoint_every", "eval_batch_size"):
+        for k in ("resume", "progress", "checkpoint_every", "eval_batch_size", "evaluate"):
             d.pop(k)
         return d
 
@@ -652,16 +655,16 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         return None
     all_losses = prior_losses + losses
     tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
-    after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
-    # the base's loss on the same split, through the same code path (adapter switched off). It
-    # runs after training, not before: the frozen base gives the same figure either way, and an
-    # evaluation before the first step left its freed buffers scattered through the heap, which
-    # added ~600 MB to the training peak RSS on SmolLM2 (bench/train.py)
-    with method.disabled(model):
-        base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
-    metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"], "base_eval_loss": base_eval["loss"],
-               "train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
+    metrics = {"train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
                "trainable_params": float(trainable_params)}
+    if cfg.evaluate:
+        after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+        # the base's loss on the same split, through the same code path (adapter switched off),
+        # after training: the frozen base gives the same figure either way
+        with method.disabled(model):
+            base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
+        metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"],
+                   "base_eval_loss": base_eval["loss"], **metrics}
     if torch.cuda.is_available():
         metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
