@@ -34,11 +34,15 @@ import copy
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+# the repository first: bench/routing.py must not shadow the `routing` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH, TOKENS, N_MIXED, N_WIDE = 32, 64, 8, 64
 
