@@ -53,7 +53,7 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
     c = console or Console()
     t0 = time.time()
     ws = Workspace.init(workspace, base_model="smollm2")
-    c.rule("[bold]plait demo[/bold]: SmolLM2-135M + five BBC News domains, one adapter each")
+    c.rule(f"[bold]plait demo[/bold]: SmolLM2-135M + {len(settings.domains)} BBC News domains, one adapter each")
     c.print(f"workspace {ws.path}  (base smollm2, registry {ws.db_url}, MLflow {ws.tracking_uri})")
     data = write_bbc_jsonl(ws.path / "data", settings.n_train, settings.n_eval, settings.max_chars, settings.domains)
     c.print(f"data: {len(settings.domains)} domains x {settings.n_train} training + {settings.n_eval} held-out "

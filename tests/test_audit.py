@@ -156,3 +156,17 @@ def test_route_and_generate_cli(grown, capsys):
     assert gen[0]["text"] == direct[0]
     assert main(["route", "--top-k", "5", "x", *w]) == 2
     assert "top_k=5 is out of range" in capsys.readouterr().err
+
+
+def test_route_file_takes_text_and_prompt_only_rows(grown, tmp_path, capsys):
+    ws = grown[0]
+    w = ["--workspace", str(ws.path)]
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"text": "the cat on the mat"}\n{"prompt": "the court and the contract"}\n'
+                 '{"prompt": "a cat chased the mouse on the mat", "completion": " again"}\n')
+    assert main(["route", "--file", str(f), "--json", *w]) == 0
+    assert [r["domain"] for r in json.loads(capsys.readouterr().out)] == ["cats", "law", "cats"]
+    f.write_text('{"text": "the cat"}\n{"completion": "x"}\n')
+    assert main(["route", "--file", str(f), *w]) == 2
+    assert capsys.readouterr().err.strip() == f'error: {f}:2: the row needs a non-empty "text" or "prompt" string'
+
