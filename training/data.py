@@ -81,6 +81,16 @@ def _row(obj: Any, where: str) -> Row:
     raise BadInputError(f"{where}: the row has no \"text\" or \"prompt\" + \"completion\" field (fields: {fields})")
 
 
+def _input_row(obj: Any, where: str) -> Row:
+    """A row to route or generate for: its "text", else its "prompt" (a completion is optional)."""
+    if isinstance(obj, dict) and obj.get("text") is None:
+        if obj.get("prompt") is None:
+            raise BadInputError(f'{where}: the row needs a non-empty "text" or "prompt" string')
+        if isinstance(obj["prompt"], str) and obj["prompt"].strip():
+            return Row(prompt=obj["prompt"], where=where)
+    return _row(obj, where)
+
+
 def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
@@ -95,7 +105,7 @@ def _check_size(size: int, where: str) -> None:
                             f"split it into smaller rows")
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, row=_row) -> list[Row]:
     rows = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -113,11 +123,11 @@ def _read_jsonl(path: Path) -> list[Row]:
             except ValueError as e:
                 raise BadInputError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1}); "
                                     f"write one JSON object per line") from None
-            rows.append(_row(obj, where))
+            rows.append(row(obj, where))
     return rows
 
 
-def _read_csv(path: Path) -> list[Row]:
+def _read_csv(path: Path, row=_row) -> list[Row]:
     text = _decode(path.read_bytes(), path)
     csv.field_size_limit(MAX_ROW_BYTES * 4)
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -138,14 +148,14 @@ def _read_csv(path: Path) -> list[Row]:
             obj = {k: v for k, v in rec.items() if k in ("text", "prompt", "completion") and v not in (None, "")}
             if "completion" in rec and "prompt" in rec and "text" not in obj:
                 obj = {"prompt": rec["prompt"] or "", "completion": rec["completion"] or ""}
-            rows.append(_row(obj, where))
+            rows.append(row(obj, where))
             start = reader.line_num + 1
     except csv.Error as e:
         raise BadInputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, row=_row) -> list[Row]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -163,7 +173,7 @@ def _read_parquet(path: Path) -> list[Row]:
     for n, rec in enumerate(table.select(keep).to_pylist(), start=1):
         where = f"{path}:row {n}"
         _check_size(sum(len(v.encode()) for v in rec.values() if isinstance(v, str)), where)
-        rows.append(_row({k: v for k, v in rec.items() if v is not None}, where))
+        rows.append(row({k: v for k, v in rec.items() if v is not None}, where))
     return rows
 
 
@@ -181,8 +191,10 @@ def _read_folder(path: Path) -> list[Row]:
     return rows
 
 
-def read_rows(path: str | Path) -> list[Row]:
+def read_rows(path: str | Path, *, inputs_only: bool = False) -> list[Row]:
     """Read and check every row of a data file or folder.
+
+    With `inputs_only` (routing and generation inputs), a "prompt" row needs no "completion".
 
     Raises:
         NotFoundError: the path does not exist.
@@ -200,7 +212,7 @@ def read_rows(path: str | Path) -> list[Row]:
                    ".parquet": _read_parquet, ".pq": _read_parquet}
         if suffix not in readers:
             raise BadInputError(f"{path}: unknown data format {suffix or '(no extension)'!r}; use {FORMATS}")
-        rows = readers[suffix](path)
+        rows = readers[suffix](path, _input_row) if inputs_only else readers[suffix](path)
     if not rows:
         raise BadInputError(f"{path} holds no rows; a domain needs at least one row of text")
     return rows

@@ -15,47 +15,15 @@ FileOpt = Annotated[Path | None, typer.Option("--file", help="A .jsonl file of {
 TopK = Annotated[int, typer.Option("--top-k", help="Blend the k most likely domains' adapters.")]
 
 
-def read_jsonl_inputs(path: Path) -> list[str]:
-    """The inputs of a .jsonl file: each row's "text", else its "prompt" (a "completion" is
-    ignored: routing and generation need only the input)."""
-    from registry.errors import BadInputError, NotFoundError
-
-    if not path.is_file():
-        raise NotFoundError(f"input file {path} does not exist; give a .jsonl file of {{\"text\": ...}} or "
-                            f"{{\"prompt\": ...}} rows")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save the "
-                            f"file as UTF-8") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object per line") from None
-        text = (obj.get("text") if obj.get("text") is not None else obj.get("prompt")) if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise BadInputError(f"{path}:{n}: the row needs a non-empty \"text\" or \"prompt\" string")
-        out.append(text)
-    if not out:
-        raise BadInputError(f"{path} holds no rows; write one JSON object per line")
-    return out
-
-
 def _inputs(texts: list[str] | None, file: Path | None) -> list[str]:
     from plait.continual import row_input
     from registry.errors import BadInputError
 
     out = list(texts or [])
-    if file is not None and Path(file).suffix == ".jsonl":
-        out += read_jsonl_inputs(Path(file))
-    elif file is not None:  # csv, parquet, a folder of .txt: the training data reader
+    if file is not None:
         from training.data import read_rows
 
-        out += [row_input(r, max_chars=100_000) for r in read_rows(file)]
+        out += [row_input(r, max_chars=100_000) for r in read_rows(file, inputs_only=True)]
     if not out:
         raise BadInputError("no input: give TEXT arguments or --file FILE.jsonl")
     return out
