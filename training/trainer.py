@@ -188,10 +188,20 @@ def _autocast(dtype: str, device: str):
 
 # ----------------------------------------------------------------------------- loss / eval
 def token_loss_sum(model, batch: dict, dtype: str, device: str):
-    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
-    import torch
+    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens).
+
+    Llama-style models take the fused path (`training.loss`): the output projection and the
+    loss a few hundred tokens at a time, never the whole batch's [tokens, vocab] logits.
+    """
     import torch.nn.functional as F
 
+    from training.loss import fused_token_loss_sum, split_causal_lm
+
+    parts = split_causal_lm(model)
+    if parts is not None:
+        with _autocast(dtype, device):
+            return fused_token_loss_sum(*parts, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        batch["labels"].to(device))
     with _autocast(dtype, device):
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
