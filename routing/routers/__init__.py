@@ -13,26 +13,27 @@ which the routers compose with their scoring.
 
 Routers shipped:
 
-- `embedding` (default): sentence embeddings (all-MiniLM-L6-v2, or a base LM's pooled
-  hidden states), nearest-prototype or kNN scoring, after LoRA-Retriever
-  (Zhao et al. 2024, https://arxiv.org/abs/2402.09997).
+- `hybrid` (default): `embedding` prototypes and `lexical` word statistics, their
+  log-probabilities added; the embedding's cosine decides the out-of-domain fallback.
+- `embedding`: sentence embeddings (all-MiniLM-L6-v2, or a base LM's pooled hidden states),
+  nearest-prototype or kNN scoring, after LoRA-Retriever (Zhao et al. 2024,
+  https://arxiv.org/abs/2402.09997).
+- `lexical`: multinomial naive Bayes over hashed words and word pairs (McCallum and Nigam
+  1998; Rennie et al. 2003).
 - `perplexity`: the adapter under which the input's loss is lowest, after AdapterCL
   (Madotto et al. 2021, https://arxiv.org/abs/2012.15504).
 - `arrow`: data-free prototypes from each LoRA's weights, after Arrow
   (Ostapenko et al. 2024, https://arxiv.org/abs/2405.11157).
 
-Why `embedding` (prototype scoring, MiniLM) is the default: measured by `bench/routing.py`
-on the five BBC News domains (fit on 50 articles per domain, 448 held-out articles, query =
-headline + first paragraph), it is the most accurate of the measured routers (91.5% held-out
-accuracy; kNN 88.8% at the same data, 93.5% with ~340 articles per domain) and the cheapest:
-one small-encoder forward per query, whatever the number of domains. The perplexity router
-pays one LM forward per adapter per query (cost grows with every domain; ~80x the default's
-latency at five adapters in a smoke run) and needs well-trained adapters; Arrow needs no data
-at all, which makes it the router for adapters imported without data, but in the smoke run it
-was far less accurate. The issue's targets (>= 97%, < 10 ms/query) are NOT met yet: the
-misrouted articles are mostly genuinely cross-domain (business stories about games or
-pensions, tech stories about awards); latency could not be measured on an idle CPU (6.3 ms per
-query at 64 word pieces under light load; 40-110 ms while other benchmarks ran).
+Why `hybrid` is the default: measured by `bench/routing.py` on the five BBC News domains
+(448 held-out articles; docs/benchmarks.md has the table) it is the most accurate of the
+routers at the latency of the embedding router: one small-encoder forward per query plus a
+hashed word count, whatever the number of domains. The embedding router alone misroutes
+articles whose opening is about another domain's topic (business stories about games or
+pensions); the word model sees the whole article and each domain's own vocabulary. The
+perplexity router pays one LM forward per adapter per query (its cost grows with every
+domain) and needs well-trained adapters; Arrow needs no data at all, which makes it the
+router for adapters imported without data, but it is far less accurate on these domains.
 
 Threshold rule (`RouterCore.calibrate`): the confidence of an input is its top probability,
 or for the embedding router its cosine similarity to the nearest domain (a softmax over
@@ -59,7 +60,9 @@ from typing import Any, Protocol, runtime_checkable
 from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
 from registry.names import validate_name
 
-DEFAULT_ROUTER = "embedding"
+DEFAULT_ROUTER = "hybrid"
+#: earlier defaults: a workspace built with one of them keeps it (plait.workspace.Workspace.router_kind)
+LEGACY_DEFAULT_ROUTERS = ("embedding",)
 CONFIG_FILE = "router.json"
 TENSORS_FILE = "router.safetensors"
 FORMAT_VERSION = 1
@@ -202,11 +205,15 @@ class RouterCore:
         """
         if not domain_data:
             raise BadInputError("fit needs at least one domain: give {domain: [texts]} (or adapters)")
-        self._reset()
-        self.domains, self.refs, self.calibration, self.threshold = [], {}, None, 0.0
+        self.fit_reset()
         for domain, data in domain_data.items():
             self.add_domain(domain, data, ref=(refs or {}).get(domain))
         return self
+
+    def fit_reset(self) -> None:
+        """Forget every domain, its state, the refs and the calibration."""
+        self._reset()
+        self.domains, self.refs, self.calibration, self.threshold = [], {}, None, 0.0
 
     def add_domain(self, domain: str, data: Any, ref: str | None = None) -> None:
         """Add one domain; every other domain's state stays byte-identical.
@@ -519,5 +526,5 @@ def load_router(files: Mapping[str, bytes], **runtime: Any):
     return get_router_class(config.get("plait_router", "?")).from_files(files, **runtime)
 
 
-__all__ = ["AdapterWeight", "Calibration", "DEFAULT_ROUTER", "RouteDecision", "Router", "RouterCore",
+__all__ = ["AdapterWeight", "Calibration", "DEFAULT_ROUTER", "LEGACY_DEFAULT_ROUTERS", "RouteDecision", "Router", "RouterCore",
            "available_routers", "check_texts", "get_router_class", "load_router", "read_files"]
