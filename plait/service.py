@@ -63,10 +63,12 @@ class RoutedModel:
     def __init__(self, workspace, *, router: str | None = None, alias: str = "production",
                  quantize_4bit: bool = False, engine=None):
         from routing.engine import CompositionEngine
+        from routing.routers import get_router_class
 
         self.ws = workspace
         self.registry = workspace.registry
         self.router_kind = router or workspace.router_kind
+        get_router_class(self.router_kind)  # an unknown kind is refused before the base loads
         self.alias = alias
         self.engine = engine or CompositionEngine.from_base(workspace.config.base_model, quantize_4bit=quantize_4bit)
         self.router = None
@@ -125,6 +127,11 @@ class RoutedModel:
             return [Served(model, info.domain, [{"ref": exact, "domain": info.domain, "weight": 1.0}])
                     for _ in texts]
         if self.router is None:
+            kinds = sorted({r.name for r in self.registry.search_routers()})
+            if kinds:
+                raise NotFoundError(f"this workspace has no {self.router_kind!r} router; it has "
+                                    f"{', '.join(kinds)}: use --router {kinds[0]} (routers are fitted as domains "
+                                    f"are trained, for the workspace's router kind)")
             raise NotFoundError("this workspace has no router yet: train a domain first (plait train)")
         out = []
         for d in self.router.route(texts, top_k=top_k):

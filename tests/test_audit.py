@@ -156,6 +156,13 @@ def test_route_and_generate_cli(grown, capsys):
     assert gen[0]["text"] == direct[0]
     assert main(["route", "--top-k", "5", "x", *w]) == 2
     assert "top_k=5 is out of range" in capsys.readouterr().err
+    assert main(["route", "--router", "oracle", "x", *w]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown router 'oracle': use one of arrow, embedding, hybrid, "
+                                               "lexical, perplexity")
+    assert main(["route", "--router", "lexical", "x", *w]) == 2  # a kind this workspace never fitted
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: this workspace has no 'lexical' router; it has hybrid: use --router hybrid (routers are fitted as "
+        "domains are trained, for the workspace's router kind)")
 
 
 def test_route_file_takes_text_and_prompt_only_rows(grown, tmp_path, capsys):
