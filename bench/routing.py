@@ -154,13 +154,15 @@ def main(argv=None):
     ap.add_argument("--lm-heldout", type=int, default=20, help="held-out articles per domain for LM routers")
     ap.add_argument("--steps", type=int, default=40, help="LoRA training steps per domain")
     ap.add_argument("--skip-lm", action="store_true", help="only the text routers (hybrid, lexical, embedding)")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="seed of the train/held-out split (the settings were chosen on seed 0's train pool)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
     from routing.routers.embedding import EmbeddingRouter, MiniLMEncoder
 
-    train, held = split_bbc(seed=0)
+    train, held = split_bbc(seed=args.split_seed)
     fit = {d: _queries(train[d][:args.fit], args.chars) for d in DOMAINS}
     calib = {d: _queries(train[d][args.fit:args.fit + args.calib], args.chars) for d in DOMAINS}
     heldout = {d: _queries(held[d], args.chars) for d in DOMAINS}
