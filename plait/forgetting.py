@@ -69,7 +69,7 @@ def continual_metrics(R: list[list[float | None]], domains: list[str], *, higher
     acc = sum(_value(R, L, j) for j in range(T)) / T
     # (+ 0.0 turns the -0.0 of an unchanged loss into 0.0)
     forgetting = {domains[j]: sign * (_value(R, j, j) - _value(R, L, j)) + 0.0 for j in range(L)}
-    bwt = (0.0 - sum(forgetting.values()) / L) + 0.0 if L else None  # + 0.0: no "-0.0" for no forgetting
+    bwt = 0.0 - sum(forgetting.values()) / L if L else None  # 0.0 - x: no "-0.0" for no forgetting
     fwt = None
     if base is not None and T > 1:
         if len(base) != T:

@@ -36,18 +36,15 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats = 64 MB, whatever the v
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers causal LM under peft's and plait's bottleneck wrappers."""
-    seen = 0
-    while seen < 4:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            inner = model.get_base_model()
-        elif "base" in getattr(model, "_modules", {}):  # training.methods.bottleneck.BottleneckModel
-            inner = model._modules["base"]
+    from training.methods.bottleneck import BottleneckModel
+
+    for _ in range(4):  # peft -> bottleneck -> ... never nests deeper
+        if isinstance(model, BottleneckModel):
+            model = model.base
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()
         else:
-            return model
-        if inner is model:
-            return model
-        model = inner
+            break
     return model
 
 

@@ -77,7 +77,8 @@ def audit(
     ws = open_workspace(workspace)
     result = run_audit(ws, domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
                        baselines=tuple(b for b in chosen if b != "none"), merge=merge,
-                       max_forgetting=max_forgetting, max_length=max_length, out_dir=out, progress=not json_, log=lambda m: console().print(m, style="dim"))
+                       max_forgetting=max_forgetting, max_length=max_length, out_dir=out, progress=not json_,
+                       log=lambda m: console().print(m, style="dim"))
     if json_:
         print_json(result.summary())
     else:

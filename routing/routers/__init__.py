@@ -170,7 +170,8 @@ class RouterCore:
 
     Subclass contract:
         `_add(domain, data)` builds the new domain's state from `data` and touches nothing else.
-        `_score_logits(texts)` returns a float tensor [n, len(domains)] of logits.
+        `_score_logits(texts)` returns a float tensor [n, len(domains)] of logits (or override
+        `_scores` to compute the fallback's confidence from other scores than the logits).
         `_domain_tensors(domain)` / `_load_domain_tensors(domain, tensors)` map one domain's
         state to named tensors (stored as `<domain>/<name>` in the safetensors file).
         `_params()` / `_runtime_kwargs` hold the JSON-able settings.
@@ -270,11 +271,17 @@ class RouterCore:
             raise BadInputError(f"the {self.kind} router has no domains yet: fit it or add_domain first")
         if not texts:
             return torch.zeros(0, len(self.domains)), torch.zeros(0)
-        logits = self._score_logits(texts).float()
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        return probs, self._confidence(logits, probs)
+        logits, raw = self._scores(texts)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return probs, self._confidence(raw.float(), probs)
 
-    def _confidence(self, logits, probs):
+    def _scores(self, texts: list[str]):
+        """(logits for the probabilities, the raw scores `_confidence` reads); the same tensor
+        unless a router decides by one score and falls back by another (`hybrid`)."""
+        logits = self._score_logits(texts)
+        return logits, logits
+
+    def _confidence(self, raw, probs):
         return probs.max(-1).values
 
     def route(self, texts: Sequence[str], top_k: int = 1) -> list[RouteDecision]:

@@ -83,22 +83,19 @@ class HybridRouter(RouterCore):
         self.dense.add_domain(domain, [t[:self.embed_chars] for t in texts])
         self.sparse.add_domain(domain, texts)
 
-    def scored(self, texts: Sequence[str]):
-        """(probabilities [n, n_domains], confidence [n]); the confidence is the embedding's
-        best cosine similarity (see the module docstring)."""
+    def _scores(self, texts: list[str]):
+        """(summed log-probabilities, the embedding's cosines: the fallback reads those)."""
         import torch
 
-        texts = check_texts(texts)
-        if not self.domains:
-            raise BadInputError(f"the {self.kind} router has no domains yet: fit it or add_domain first")
-        if not texts:
-            return torch.zeros(0, len(self.domains)), torch.zeros(0)
         cos = self.dense._score_logits([t[:self.embed_chars] for t in texts]).float()
         logits = torch.log_softmax(cos / DENSE_TEMPERATURE, dim=-1)
         if self.lexical_weight:
             nb = self.sparse._score_logits(texts).float()
             logits = logits + self.lexical_weight * torch.log_softmax(nb / self.sparse.temperature, dim=-1)
-        return torch.softmax(logits / self.temperature, dim=-1), cos.max(-1).values
+        return logits, cos
+
+    def _confidence(self, raw, probs):
+        return raw.max(-1).values  # the best cosine, as the embedding router's fallback
 
     def _domain_tensors(self, domain: str) -> dict[str, Any]:
         return {**{f"dense.{k}": v for k, v in self.dense._domain_tensors(domain).items()},
