@@ -52,7 +52,8 @@ def stats(live) -> dict:
 
 def test_api_key_guards_every_route_but_health(server_with):
     live = server_with(api_key=KEY)
-    calls = [("get", "/v1/models", None), ("post", "/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 1}),
+    calls = [("get", "/v1/models", None),
+             ("post", "/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 1}),
              ("post", "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a"}]}),
              ("post", "/v1/route", {"input": "the cat"}), ("get", "/v1/nothing", None)]
     for method, path, body in calls:

@@ -17,8 +17,10 @@ def serve(
         "--api-key", envvar="PLAIT_API_KEY", show_envvar=True,
         help="Require `Authorization: Bearer KEY` (the openai client's api_key) on every route but /health.")] = None,
     insecure: Annotated[bool, typer.Option(
-        "--insecure", help="Allow a non-loopback --host without --api-key (anyone who reaches it can use it).")] = False,
-    docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")] = False,
+        "--insecure", help="Allow a non-loopback --host without --api-key (anyone who reaches it may use it).")
+    ] = False,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")
+                    ] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
         "--max-wait-ms", help="How long to gather more requests after the first one arrives.")] = 10.0,

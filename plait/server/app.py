@@ -56,6 +56,10 @@ class _Routes:
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.intake_pool, fn, *args)
 
+    def cancel(self, ticket: Ticket, request) -> None:
+        if self.batcher.cancel(ticket):
+            log.info("request %s: the client went away; cancelled", request_id_of(request.scope))
+
     def submit(self, gen) -> Ticket:
         try:
             return self.batcher.submit(gen)
@@ -92,8 +96,7 @@ class _Routes:
         try:
             await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not consumer.done():
-                log.info("request %s: the client disconnected; cancelled", request_id_of(request.scope))
-                return Response(status_code=499)  # nobody reads it
+                return Response(status_code=499)  # nobody reads it; `finally` cancels the request
             try:
                 done = consumer.result()
             except Exception as e:  # noqa: BLE001 - answered as an OpenAI error
@@ -103,7 +106,7 @@ class _Routes:
             watcher.cancel()
             if not consumer.done():  # disconnect, or this handler itself was cancelled
                 consumer.cancel()
-                self.batcher.cancel(ticket)
+                self.cancel(ticket, request)
 
     # ------------------------------------------------------------------ server-sent events
     async def stream(self, kind: str, ticket: Ticket, request):
@@ -134,7 +137,7 @@ class _Routes:
                     event = await ticket.next_event()
                 yield "data: [DONE]\n\n"
             finally:  # the client closed the stream (starlette cancels us) or it ended: free the rows
-                self.batcher.cancel(ticket)
+                self.cancel(ticket, request)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

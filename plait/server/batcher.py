@@ -245,11 +245,17 @@ class Batcher:
         self._count("requests")
         return ticket
 
-    def cancel(self, ticket: Ticket) -> None:
-        """Abandon a request: dropped if still queued, its rows finished at the next decode step."""
-        if not ticket.cancelled and not ticket._closed:
-            ticket.cancelled = True
-            self._count("cancelled")
+    def cancel(self, ticket: Ticket) -> bool:
+        """Abandon a request: dropped if still queued, its rows finished at the next decode step.
+
+        Returns:
+            Whether this call cancelled it (False: answered already, or cancelled before).
+        """
+        if ticket.cancelled or ticket._closed:
+            return False
+        ticket.cancelled = True
+        self._count("cancelled")
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (requests, batches, rows, errors, cancelled, decode steps, seconds)."""
