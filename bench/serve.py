@@ -17,9 +17,13 @@ Reported: requests/s, generated tokens/s, p50/p99 latency per request, failed re
 the ratio to one-at-a-time throughput; target >= 3x at 16 clients with zero failures. Every
 client uses the official `openai` client against http://127.0.0.1:PORT/v1.
 
+With `--api-key KEY` the server requires the key (passed to it as PLAIT_API_KEY, so it is not on
+its command line) and every client sends it as the openai client's `api_key`: run once with and
+once without to see what authentication costs.
+
 Run it alone on the machine (2 shared cores: numbers next to another heavy job are meaningless):
 
-    flock /tmp/plait-cpu.lock env PYTHONPATH=$PWD .venv/bin/python bench/serve.py
+    flock /tmp/plait-cpu.lock env PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--api-key KEY]
 """
 
 from __future__ import annotations
@@ -97,10 +101,11 @@ def send(client, req: dict, max_tokens: int) -> tuple[float, int, bool]:
         return time.perf_counter() - t, 0, False
 
 
-def run_mode(url: str, reqs: list[dict], clients: int, max_tokens: int) -> dict:
+def run_mode(url: str, reqs: list[dict], clients: int, max_tokens: int, api_key: str | None = None) -> dict:
     import openai
 
-    pool_clients = [openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600) for _ in range(clients)]
+    pool_clients = [openai.OpenAI(base_url=url, api_key=api_key or "unused", max_retries=0, timeout=600)
+                    for _ in range(clients)]
     shares = [reqs[i::clients] for i in range(clients)]
 
     def worker(i: int) -> list[tuple[float, int, bool]]:
@@ -126,6 +131,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--base", default="smollm2", help="base model (a small local one checks the plumbing)")
+    ap.add_argument("--api-key", help="serve with this API key (clients send it); default: no key")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if not 1 <= args.requests <= 1024 or not 1 <= args.sequential_requests <= 256 or max(args.clients) > 64:
@@ -136,6 +142,9 @@ def main() -> None:
         refs = build_workspace(Path(tmp), args.base)
         port = free_port()
         env = dict(os.environ, PYTHONPATH=os.getcwd(), TOKENIZERS_PARALLELISM="false")
+        env.pop("PLAIT_API_KEY", None)
+        if args.api_key:
+            env["PLAIT_API_KEY"] = args.api_key
         cmd = [sys.executable, "-m", "plait.cli", "serve", "--workspace", str(Path(tmp) / "ws"), "--host",
                "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch), "--max-wait-ms",
                str(args.max_wait_ms), "--log-level", "warning"]
@@ -155,15 +164,15 @@ def main() -> None:
                     raise SystemExit("the server did not start")
                 time.sleep(0.5)
             # warm-up: load every adapter and run each path once (not timed)
-            run_mode(url, requests_list(refs, len(refs) + 3), 1, 2)
+            run_mode(url, requests_list(refs, len(refs) + 3), 1, 2, args.api_key)
             print(f"setup: {time.perf_counter() - t0:.1f} s (workspace, {len(refs)} adapters, server up, warm)",
                   flush=True)
-            rows = [dict(run_mode(url, requests_list(refs, args.sequential_requests), 1, args.max_tokens),
-                         mode="one at a time")]
+            seq = run_mode(url, requests_list(refs, args.sequential_requests), 1, args.max_tokens, args.api_key)
+            rows = [dict(seq, mode="one at a time")]
             print(f"one at a time: {rows[0]['req_s']:.2f} req/s", flush=True)
             for n in args.clients:
                 before = requests.get(f"http://127.0.0.1:{port}/health").json()["stats"]
-                row = dict(run_mode(url, requests_list(refs, args.requests), n, args.max_tokens),
+                row = dict(run_mode(url, requests_list(refs, args.requests), n, args.max_tokens, args.api_key),
                            mode=f"{n} concurrent clients")
                 after = requests.get(f"http://127.0.0.1:{port}/health").json()["stats"]
                 batches = after["batches"] - before["batches"]
@@ -182,7 +191,8 @@ def main() -> None:
     print()
     print(f"{'SmolLM2-135M' if args.base == 'smollm2' else args.base} fp32 on CPU ({os.cpu_count()} cores), {N_ADAPTERS} LoRA adapters r=8 + base, "
           f"mixed requests (3/4 completions, 1/4 chat), greedy, max_tokens {args.max_tokens}, "
-          f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}")
+          f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, "
+          f"{'API key required' if args.api_key else 'no API key'}")
     print()
     print("| mode | requests | failed | req/s | tokens/s | p50 latency | p99 latency | mean batch | vs one at a time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

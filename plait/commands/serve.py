@@ -13,6 +13,14 @@ def serve(
     workspace: WorkspaceOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="PLAIT_API_KEY", show_envvar=True,
+        help="Require `Authorization: Bearer KEY` (the openai client's api_key) on every route but /health.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow a non-loopback --host without --api-key (anyone who reaches it may use it).")
+    ] = False,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")
+                    ] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
         "--max-wait-ms", help="How long to gather more requests after the first one arrives.")] = 10.0,
@@ -20,21 +28,34 @@ def serve(
         "--alias", help="Alias served for a routed domain when the adapter has it.")] = "production",
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most waiting requests; more get 503.")] = 256,
     max_prompt_tokens: Annotated[int, typer.Option(
-        "--max-prompt-tokens", help="Longest prompt in tokens; longer ones get 413.")] = 1024,
+        "--max-prompt-tokens", help="Longest prompt in tokens (chat: as rendered); longer ones get 413.")] = 1024,
     max_tokens_limit: Annotated[int, typer.Option(
         "--max-tokens-limit", help="Largest max_tokens a request may ask for; more gets 400.")] = 512,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", help="Largest request body in bytes; larger ones get 413.")] = 1_048_576,
+    max_messages: Annotated[int, typer.Option(
+        "--max-messages", help="Most messages in one chat request; more get 413.")] = 256,
+    max_route_inputs: Annotated[int, typer.Option(
+        "--max-route-inputs", help="Most inputs in one /v1/route request; more get 413.")] = 64,
+    max_route_input_chars: Annotated[int, typer.Option(
+        "--max-route-input-chars", help="Longest /v1/route input in characters; longer ones get 413.")] = 8192,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the workspace over the OpenAI HTTP API: model = auto (routed), base, or an adapter reference."""
-    from plait.server import ServerConfig
+    from plait.server import ServerConfig, check_exposure
     from plait.server import serve as run_server
     from registry.errors import BadInputError
 
     if not 0 < port < 65536:
         raise BadInputError(f"--port {port} must be between 1 and 65535")
+    check_exposure(host, api_key, insecure)  # before the workspace and the base load
     config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                          max_body_bytes=max_body_bytes, max_messages=max_messages,
+                          max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs)
     ws = open_workspace(workspace)
-    typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 (model = auto | base | NAME[:V|@ALIAS])",
+    auth = "API key required" if api_key else "no API key"
+    typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 ({auth}; model = auto | base | NAME[:V|@ALIAS])",
                err=True)
-    run_server(ws, host=host, port=port, alias=alias, config=config, log_level=log_level)
+    run_server(ws, host=host, port=port, alias=alias, config=config, log_level=log_level, api_key=api_key,
+               insecure=insecure)

@@ -1,0 +1,52 @@
+"""Settings of `plait serve`: batching, and the limits that bound what one request may cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from registry.errors import BadInputError
+
+MIN_TEMPERATURE = 1e-3
+"""Temperatures in (0, MIN_TEMPERATURE) decode greedily: sampling that cold picks the top token
+except in exact ties, and below ~1e-37 float32 logits / temperature overflow to NaN."""
+
+MAX_SEED = 2**64 - 1
+"""Largest `seed` (torch's generators take 0 .. 2**64 - 1)."""
+
+
+@dataclass
+class ServerConfig:
+    """Limits and batching settings of `plait serve`."""
+
+    max_batch: int = 32
+    """Most prompt rows decoded together in one engine batch (and most prompts in one request)."""
+    max_wait_ms: float = 10.0
+    """How long the batcher waits for more requests after the first one arrives."""
+    max_queue: int = 256
+    """Most requests waiting for a batch; more get 503."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt in tokens (a chat prompt as rendered by the chat template); longer ones get 413."""
+    max_tokens_limit: int = 512
+    """Largest `max_tokens` a request may ask for; more gets 400."""
+    default_chat_max_tokens: int = 256
+    """`max_tokens` of a chat request that gives none (completions default to 16, as OpenAI)."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body in bytes; a larger one gets 413 before it is read whole."""
+    max_messages: int = 256
+    """Most messages in one chat request; more get 413."""
+    max_route_inputs: int = 64
+    """Most inputs in one /v1/route request; more get 413."""
+    max_route_input_chars: int = 8192
+    """Longest /v1/route input in characters; longer ones get 413."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (off: they describe every route to anyone)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "default_chat_max_tokens",
+                     "max_body_bytes", "max_messages", "max_route_inputs", "max_route_input_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInputError(f"{name} {value!r} must be a positive integer")
+        if not isinstance(self.max_wait_ms, (int, float)) or not self.max_wait_ms >= 0:
+            raise BadInputError(f"max_wait_ms {self.max_wait_ms!r} must be a number >= 0")
+        self.default_chat_max_tokens = min(self.default_chat_max_tokens, self.max_tokens_limit)
