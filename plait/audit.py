@@ -797,6 +797,7 @@ def heatmap_figure(result: AuditResult):
     colours are equal differences in nats in every panel, and a domain far from the base's
     knowledge does not flatten the others. Returns a matplotlib `Figure` (object API: no global
     pyplot backend switch in the caller's process, e.g. a notebook)."""
+    from matplotlib import colormaps
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
@@ -809,9 +810,10 @@ def heatmap_figure(result: AuditResult):
     norm = Normalize(vmin=-max(largest, 1e-6), vmax=max(largest, 1e-6))  # one scale for every panel
     fig = Figure(figsize=(3.2 * len(systems) + 1.2, 3.6), layout="constrained")
     axes = fig.subplots(1, len(systems), squeeze=False)[0]
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.82")  # grey: not measured (white is 0)
     image = None
     for ax, s in zip(axes, systems):
-        image = ax.imshow(deltas[s], cmap="RdBu_r", norm=norm)
+        image = ax.imshow(deltas[s], cmap=cmap, norm=norm)
         ax.set_title(s, fontsize=9)
         ax.set_xticks(range(n), result.domains, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), [f"after {d}" for d in result.domains], fontsize=7)
@@ -823,7 +825,7 @@ def heatmap_figure(result: AuditResult):
                             color="w" if abs(v) > 0.6 * largest else "k")
     fig.colorbar(image, ax=list(axes), fraction=0.046, label="loss - base loss (nats)")
     fig.suptitle("mean token loss relative to the base model, R[i][j] - base_j: after adding domain i (rows), on "
-                 "domain j (columns); below 0 (blue) = better than the base", fontsize=8)
+                 "domain j (columns); below 0 (blue) = better than the base; grey = not measured", fontsize=8)
     return fig
 
 
