@@ -6,11 +6,15 @@ domain's frozen eval set the audit records the mean token loss (and, for prompt/
 rows, the exact match of the greedy completion) of
 
     base        the base model alone
-    own         the domain's own adapter at that stage (oracle routing)
+    own         the domain's own newest version at that stage (oracle routing)
     routed      the stage's router choosing per input (base fallback below its threshold)
     sequential  one LoRA fine-tuned on the domains one after another (baseline: the naive
                 practice that forgets), kept in the registry as the lineage chain
-                `sequential-baseline:1 <- :2 <- ...`, one version per stage
+                `sequential-baseline:1 <- :2 <- ...`, one version per stage. Each link trains
+                on its domain's stored training rows with that domain's own steps, batch size
+                and length, and the LoRA default learning rate (the same for every baseline;
+                `baseline_lr` in the Python API). A link is reused when its parent, its data
+                and its learning rate match.
     merged      the stage's LoRA-family adapters (lora, qlora) merged into one LoRA with peft's
                 `add_weighted_adapter` (baseline: one model for every domain). `--merge cat`
                 (default) is the exact mean of the LoRA deltas (weights 1/n each, n = the LoRAs
@@ -21,14 +25,28 @@ rows, the exact match of the greedy completion) of
                 a stage with none has the base model's row. Each true merge is registered as
                 a version of `merged-baseline` (domain `plait-baselines`) with one `merge`
                 lineage edge per parent version and its weight, and reused by later audits.
+    joint       one LoRA trained once on the union of the final stage's domains' stored
+                training rows, shuffled with a fixed seed (baseline: multi-task training, the
+                upper bound of continual learning), with the sequential chain's total steps,
+                its mean batch size per step, its longest length and the same learning rate.
+                Registered as a version of `joint-baseline` (domain `plait-baselines`, lineage
+                to the base) and reused while its data and settings are unchanged. It exists
+                only after the last stage: its matrix has one row, its ACC is that row's mean,
+                and BWT, FWT and forgetting, which need earlier stages, are None (empty).
 
 into the matrix R[i][j] (stage i, domain j), and computes ACC, BWT, FWT and per-domain
 forgetting with Avalanche's definitions (`plait.forgetting`). Figures of earlier stages come
 from the registry's stored audit metrics (name `R.<system>.loss`, with the stage and the
-eval domain; for `merged` also the exact version measured, so a change of method or of a
-stage's adapters is measured afresh), so an audit after domain N measures one new row plus
-R[N-2][N-1] (the previous system on the new domain, for FWT); a stage never audited before is
-measured once from its router version and stored.
+eval domain), each reused only for what it measured: `own` and the baselines for the exact
+version (the metric row's version), `routed` for the exact router version (the audit's summary
+records the router of each stage, `stage_routers`), so a new version or a re-pointed router is
+measured afresh. An audit after domain N measures one new row plus R[N-2][N-1] (the previous
+system on the new domain, for FWT); a stage never audited before is measured once and stored.
+
+`own` is each domain's own newest version when the stage's router version was registered
+(oracle routing); `routed` is whatever the router serves, which may be another version, even
+another domain's adapter, once the router re-points a domain. The audit reports, per domain,
+the version the router served it with at each stage (`served`).
 
 Integrity: every stored artifact must pass its hash check (`Registry.verify`), every covered
 adapter must have been trained on the workspace base (fingerprint), and an adapter's loss on
@@ -44,23 +62,29 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plait.continual import AUDIT_CONTROL, row_input
-from plait.forgetting import continual_metrics
+from plait.continual import AUDIT_CONTROL
+from plait.forgetting import continual_metrics, final_stage_metrics
 from registry.errors import BadInputError, NotFoundError
 from training.merge import check_method
 
 SYSTEMS = ("base", "own", "routed")
-BASELINES = ("sequential", "merged")
+BASELINES = ("sequential", "merged", "joint")
+#: systems that exist only after the last stage (one matrix row; no BWT, FWT or forgetting)
+ONE_STAGE = ("joint",)
 #: tokens per eval text of a workspace's first audit, unless given
 DEFAULT_MAX_LENGTH = 256
 SEQUENTIAL = "sequential-baseline"
 MERGED = "merged-baseline"
+JOINT = "joint-baseline"
 BASELINE_DOMAIN = "plait-baselines"
+#: seeds the joint baseline's shuffle of the domains' rows, and every baseline's training
+BASELINE_SEED = 0
 #: outputs of an unchanged adapter on its own eval set must reproduce to this (nats)
 OUTPUT_TOLERANCE = 1e-4
 #: how far the routed system may sit above the base on the control set (nats)
@@ -83,6 +107,12 @@ class AuditResult:
     exact_match: dict[str, dict[str, float]] = field(default_factory=dict)
     #: how each baseline was built, e.g. {"merged": {"method", "stages": [{..., "note"}]}}
     baselines: dict[str, Any] = field(default_factory=dict)
+    #: per domain, the version the router served it with at each stage (row i; None: not covered yet)
+    served: dict[str, list[str | None]] = field(default_factory=dict)
+    #: per domain, its own newest version at the final stage (the `own` system's adapter)
+    own_versions: dict[str, str | None] = field(default_factory=dict)
+    #: the router version of each stage (row i), None where no router version covers it
+    stage_routers: list[str | None] = field(default_factory=list)
     out_dir: str | None = None
     seconds: float = 0.0
 
@@ -96,10 +126,107 @@ def _texts(rows: list[dict]) -> tuple[list[str], list[str] | None]:
     return [r.get("text") or r.get("prompt", "") for r in rows], None
 
 
+@dataclass
+class _Stage:
+    """A stage: the router version covering the first `index + 1` domains, as the audit reads it."""
+
+    index: int
+    info: Any  # registry.client.RouterInfo
+    #: domain -> the version the router serves it with (read from the router's own router.json)
+    refs: dict[str, str]
+    #: domain -> its own newest version when the router version was registered (the oracle)
+    own: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def anchor(self) -> str:
+        """A version to file a figure under when it concerns no covered domain (a metric row needs one)."""
+        return next(iter(self.refs.values()), None) or self.info.covers[0]
+
+
+@dataclass
+class _Plan:
+    """What one audit covers: the domains in order, the ones audited, and each stage's router."""
+
+    all_domains: list[str]
+    order: list[str]
+    stages: dict[int, _Stage]
+
+    @property
+    def pos(self) -> dict[str, int]:
+        return {d: self.all_domains.index(d) for d in self.order}
+
+    @property
+    def last_stage(self) -> int:
+        return self.all_domains.index(self.order[-1])
+
+    @property
+    def current(self) -> _Stage:
+        return self.stages[self.last_stage]
+
+    def rows(self):
+        """(row i, stage number, stage or None) for each audited domain, in order."""
+        pos = self.pos
+        for i, d in enumerate(self.order):
+            yield i, pos[d], self.stages.get(pos[d])
+
+    def empty(self) -> list[list[float | None]]:
+        return [[None] * len(self.order) for _ in self.order]
+
+
+def _plan(reg, kind: str, all_domains: list[str], order: list[str]) -> _Plan:
+    """The newest router version of each stage, its served versions and each domain's own version."""
+    from routing.routers import CONFIG_FILE
+
+    stages: dict[int, _Stage] = {}
+    for info in reg.search_router_versions(kind):  # oldest first: the newest of a stage wins
+        config = json.loads((reg.router_path(info) / CONFIG_FILE).read_text())
+        n = len(config["domains"])  # not len(covers): a re-pointed router may serve two domains with one version
+        if 1 <= n <= len(all_domains):
+            stages[n - 1] = _Stage(n - 1, info, {d: config["refs"][d] for d in config["domains"]})
+    plan = _Plan(all_domains, order, stages)
+    if plan.last_stage not in stages:
+        raise NotFoundError(f"no router version covers the first {plan.last_stage + 1} domains; train a domain to "
+                            f"fit one")
+    own_versions = {d: sorted(reg.search_versions(domain=d), key=lambda v: v.created_at) for d in all_domains}
+    for st in stages.values():
+        for d in st.refs:  # a domain's own versions registered up to the router version's registration
+            mine = [v for v in own_versions.get(d, []) if v.created_at <= st.info.created_at]
+            if mine:
+                st.own[d] = mine[-1].ref
+    return plan
+
+
+class _StoredFigures:
+    """The figures earlier audits stored (metric rows `R.<system>.loss`), keyed by what they measured.
+
+    The key is (system, stage, eval domain, what): `what` is None for the base, the version for
+    `own` and the baselines (the metric row's version), and the router version for `routed` (the
+    storing audit's `stage_routers`; figures of audits that did not record it are not reused).
+    """
+
+    def __init__(self, reg):
+        routers = {a.id: a.summary.get("stage_routers") or {} for a in reg.search_audits()}
+        self.values: dict[tuple, float] = {}
+        self.own_rows: dict[tuple, dict[str, Any]] = {}  # (stage, domain) -> the newest own figure
+        for m in reg.search_audit_metrics("R."):  # oldest first: the newest wins
+            system = m["name"][len("R."):-len(".loss")]
+            what = {"base": None, "routed": routers.get(m["audit_id"], {}).get(str(m["stage"]))}.get(system, m["ref"])
+            self.values[(system, m["stage"], m["eval_domain"], what)] = m["value"]
+            if system == "own":
+                self.own_rows[(m["stage"], m["eval_domain"])] = m
+
+    def get(self, system: str, stage: int, domain: str, what: str | None = None) -> float | None:
+        return self.values.get((system, stage, domain, what))
+
+
 class _Auditor:
-    def __init__(self, ws, rm, max_length: int, progress):
-        self.ws, self.rm, self.reg = ws, rm, ws.registry
+    def __init__(self, ws, max_length: int, progress: bool, log):
+        self.ws, self.reg = ws, ws.registry
+        self.rm = ws.routed_model
+        self.rm.refresh()
+        self.rm.engine.max_length = max_length
         self.max_length, self.progress = max_length, progress
+        self.log = log if progress else None  # progress lines, or None when quiet
         self.rows: list[dict[str, Any]] = []  # metrics to store with the audit
         self.eval_cache: dict[str, tuple[list[str], list[str] | None]] = {}
         self.routers: dict[int, Any] = {}
@@ -163,47 +290,56 @@ class _Auditor:
                                                        **router_runtime(router_info.kind, self.rm.engine))
         return self.routers[router_info.id]
 
-    def measure(self, stage: int, router_info, domain: str, systems: tuple[str, ...]) -> dict[str, float]:
+    def measure(self, stage: _Stage, domain: str, systems: tuple[str, ...]) -> dict[str, float]:
         """Losses of the stage's systems on one domain's eval set."""
         from routing.engine import Routing
 
-        router = self.stage_router(router_info)
-        texts, _ = self.eval_set(domain)
         out = {}
         # the base, and one adapter version, give the same figure at every stage of one audit:
         # each is measured once per domain (`row_cache`)
         if "base" in systems:
             out["base"] = self.loss(domain, Routing.base(), key=("base",))
         if "own" in systems:
-            own = router.refs.get(domain)
+            own = stage.own.get(domain)
             out["own"] = (self.loss(domain, Routing.one(self.load(own)), key=("one", own)) if own
                           else self.loss(domain, Routing.base(), key=("base",)))
         if "routed" in systems:
-            decisions = router.route([t[:1000] for t in texts])
+            texts, _ = self.eval_set(domain)
+            decisions = self.stage_router(stage.info).route([t[:1000] for t in texts])
             out["routed"] = float(self.routed_row_losses(domain, decisions).mean())
             out["routing_accuracy"] = sum(d.domain == domain for d in decisions) / len(decisions)
         return out
 
+    def record(self, system: str, ref: str, stage: int, domain: str, value: float) -> None:
+        """Keep a figure measured now, to store with the audit."""
+        self.rows.append({"ref": ref, "eval_domain": domain, "name": f"R.{system}.loss", "value": value,
+                          "stage": stage})
 
-def _stage_routers(reg, kind: str, domains: list[str]) -> dict[int, Any]:
-    """The newest router version for each stage (stage i covers the first i+1 domains)."""
-    out = {}
-    for info in reg.search_router_versions(kind):
-        n = len(info.covers)
-        if 1 <= n <= len(domains):
-            out[n - 1] = info
-    return out
+    def version_loss(self, stored: _StoredFigures, system: str, ref: str, stage: int, domain: str) -> float:
+        """A baseline version's loss on a domain: stored for that exact version, else measured and kept."""
+        from routing.engine import Routing
+
+        v = stored.get(system, stage, domain, ref)
+        if v is None:
+            if self.log:
+                self.log(f"  measuring {system} baseline {ref} (stage {stage + 1}) on {domain}")
+            v = self.loss(domain, Routing.one(self.load(ref)))
+            self.record(system, ref, stage, domain, v)
+        return v
 
 
 def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...] | list[str] = (),
               max_forgetting: float = 0.05, out_dir: str | Path | None = None, max_length: int | None = None,
-              merge: str = "cat", progress: bool = True, log=print) -> AuditResult:
+              merge: str = "cat", baseline_lr: float | None = None, progress: bool = True,
+              log=print) -> AuditResult:
     """Audit the workspace's continual system; see the module docstring.
 
     Args:
         domains: restrict to these domains (default: every domain with an eval set, in order).
-        baselines: any of ("sequential", "merged").
+        baselines: any of ("sequential", "merged", "joint").
         merge: how the merged baseline merges: cat, ties or linear (`training.merge`).
+        baseline_lr: the learning rate of every trained baseline (sequential, joint); None = the
+            LoRA default (`training.trainer.DEFAULT_LR["lora"]`).
         max_forgetting: the gate's threshold on own/routed forgetting, in nats.
         out_dir: where report.md, audit.json and the heatmaps go (default: workspace/audits/<id>).
         max_length: tokens per eval text; None = the length earlier audits of this workspace
@@ -212,16 +348,52 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
 
     Returns:
         the `AuditResult` (also stored in the registry and MLflow).
+
+    Raises:
+        BadInputError: an unknown baseline or merge method, a bad threshold, length or rate.
+        NotFoundError: an unknown domain, nothing trained, or no router version for the last stage.
     """
     t0 = time.time()
     reg = ws.registry
+    baseline_lr = _check_options(baselines, merge, max_forgetting, baseline_lr)
+    max_length = _audit_length(reg, max_length)
+    all_domains, order = _audit_order(reg, domains)
+    broken = [f"hash check failed: {r['error']}" for r in reg.verify() if not r["ok"]]
+    if broken:  # nothing is loaded from a store that fails its checks: record the failure and stop
+        return _failed_audit(ws, order, broken, max_forgetting, out_dir, t0)
+    plan = _plan(reg, ws.router_kind, all_domains, order)
+    aud = _Auditor(ws, max_length, progress, log)
+    stored = _StoredFigures(reg)
+    matrices, routing_accuracy = _system_matrices(aud, plan, stored)
+    baseline_info = _baselines(ws, aud, plan, stored, matrices, baselines, merge, baseline_lr)
+    result = _result(ws, aud, plan, stored, matrices, routing_accuracy, max_forgetting)
+    result.baselines = baseline_info
+    _store(ws, aud, plan, result, max_length, out_dir)
+    result.seconds = time.time() - t0
+    write_report(result, Path(result.out_dir))
+    _track(ws, result, Path(result.out_dir))
+    return result
+
+
+def _check_options(baselines, merge: str, max_forgetting: float, baseline_lr: float | None) -> float:
+    """Refuse bad options before anything is measured; returns the baselines' learning rate."""
+    from training.trainer import DEFAULT_LR
+
     for b in baselines:
         if b not in BASELINES:
             raise BadInputError(f"unknown baseline {b!r}: use {', '.join(BASELINES)} or none")
     check_method(merge)
-    max_length = _audit_length(reg, max_length)
     if not math.isfinite(max_forgetting) or max_forgetting < 0:
         raise BadInputError(f"--max-forgetting {max_forgetting} must be a number >= 0 (nats of mean token loss)")
+    if baseline_lr is not None and (isinstance(baseline_lr, bool) or not isinstance(baseline_lr, (int, float))
+                                    or not 0 < baseline_lr < 1):
+        raise BadInputError(f"baseline_lr {baseline_lr!r} is invalid: use a number between 0 and 1, or None for "
+                            f"the LoRA default ({DEFAULT_LR['lora']})")
+    return float(baseline_lr) if baseline_lr is not None else DEFAULT_LR["lora"]
+
+
+def _audit_order(reg, domains: list[str] | None) -> tuple[list[str], list[str]]:
+    """Every domain with an eval set in the order added, and the ones this audit covers."""
     all_domains = [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]
     if domains:
         unknown = [d for d in domains if d not in all_domains]
@@ -231,84 +403,75 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     order = [d for d in all_domains if not domains or d in domains]
     if not order:
         raise NotFoundError("nothing to audit: no domain has been trained yet (plait train)")
-    broken = [f"hash check failed: {r['error']}" for r in reg.verify() if not r["ok"]]
-    if broken:  # nothing is loaded from a store that fails its checks: record the failure and stop
-        return _failed_audit(ws, order, broken, max_forgetting, out_dir, t0)
-    rm = ws.routed_model
-    rm.refresh()
-    rm.engine.max_length = max_length
-    aud = _Auditor(ws, rm, max_length, progress)
-    kind = ws.router_kind
-    stage_of = _stage_routers(reg, kind, all_domains)
-    L = len(order) - 1
-    pos = {d: all_domains.index(d) for d in order}
-    last_stage = pos[order[-1]]
-    if last_stage not in stage_of:
-        raise NotFoundError(f"no router version covers the first {last_stage + 1} domains; train a domain to fit one")
+    return all_domains, order
 
-    stored = {}
-    for m in reg.search_audit_metrics("R."):
-        stored[(m["name"], m["stage"], m["eval_domain"])] = m  # newest wins
 
-    def value(system: str, stage: int, domain: str) -> float | None:
-        key = (f"R.{system}.loss", stage, domain)
-        if key in stored:
-            return stored[key]["value"]
-        return None
+def _system_matrices(aud: _Auditor, plan: _Plan, stored: _StoredFigures):
+    """R[i][j] of base, own and routed, and the final stage's routing accuracy per domain.
 
-    matrices: dict[str, list[list[float | None]]] = {s: [[None] * len(order) for _ in order] for s in SYSTEMS}
+    Earlier stages come from stored figures where they exist; the final stage is always measured
+    (its own figures are the integrity check's "outputs unchanged"). Row i holds domains j <= i,
+    and j = i + 1: FWT needs the previous stage's system on the next domain.
+    """
+    matrices = {s: plan.empty() for s in SYSTEMS}
     routing_accuracy: dict[str, float] = {}
-    current_stage_info = stage_of[last_stage]
-    # rows of earlier stages: stored figures, else measured once now
-    for i, d_i in enumerate(order):
-        stage = pos[d_i]
-        info = stage_of.get(stage)
-        for j, d_j in enumerate(order):
-            if j > i + 1 or info is None:
-                continue
-            # j == i + 1: FWT needs the previous stage's system on the next domain
-            is_current = stage == last_stage
-            need = [s for s in SYSTEMS if is_current or value(s, stage, d_j) is None]
-            got = {s: value(s, stage, d_j) for s in SYSTEMS}
-            if need:
-                if progress:
-                    log(f"  measuring stage {stage + 1} ({d_i}) on {d_j}: {', '.join(need)}")
-                fresh = aud.measure(stage, info, d_j, tuple(need))
-                if is_current and "routing_accuracy" in fresh:
-                    routing_accuracy[d_j] = fresh["routing_accuracy"]
-                for s in need:
-                    got[s] = fresh[s]
-                    own_ref = aud.stage_router(info).refs.get(d_j) or info.covers[0]
-                    aud.rows.append({"ref": own_ref, "eval_domain": d_j, "name": f"R.{s}.loss", "value": fresh[s],
-                                     "stage": stage})
+    for i, stage_no, stage in plan.rows():
+        if stage is None:
+            continue
+        for j, d_j in enumerate(plan.order[:i + 2]):
+            got, fresh = _cell(aud, stage, d_j, stored, current=stage_no == plan.last_stage)
+            if "routing_accuracy" in fresh and stage_no == plan.last_stage:
+                routing_accuracy[d_j] = fresh["routing_accuracy"]
             for s in SYSTEMS:
                 matrices[s][i][j] = got[s]
+    return matrices, routing_accuracy
 
-    base_row = [matrices["base"][L][j] for j in range(len(order))]
-    # baselines
+
+def _cell(aud: _Auditor, stage: _Stage, domain: str, stored: _StoredFigures, current: bool):
+    """One stage's base, own and routed figures on one domain: stored, else measured and kept."""
+    own = stage.own.get(domain)
+    got = {"base": stored.get("base", stage.index, domain),
+           "routed": stored.get("routed", stage.index, domain, stage.info.ref)}
+    # without an own version the oracle is the base model: the stored base figure stands for it
+    got["own"] = stored.get("own", stage.index, domain, own) if own else got["base"]
+    need = [s for s in SYSTEMS if current or got[s] is None]
+    if not need:
+        return got, {}
+    if aud.log:
+        aud.log(f"  measuring stage {stage.index + 1} ({stage.info.ref}) on {domain}: {', '.join(need)}")
+    fresh = aud.measure(stage, domain, tuple(need))
+    for s in need:
+        got[s] = fresh[s]
+        ref = {"own": own, "routed": stage.refs.get(domain)}.get(s) or stage.refs.get(domain) or stage.anchor
+        aud.record(s, ref, stage.index, domain, fresh[s])
+    return got, fresh
+
+
+def _baselines(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices, baselines, merge: str,
+               lr: float) -> dict[str, Any]:
+    """Add each chosen baseline's matrix to `matrices`; returns how each was built."""
+    info: dict[str, Any] = {}
     if "sequential" in baselines:
-        matrices["sequential"] = _sequential(ws, aud, order, all_domains, value, log if progress else None)
-    baseline_info: dict[str, Any] = {}
+        matrices["sequential"], info["sequential"] = _sequential(ws, aud, plan, stored, lr)
     if "merged" in baselines:
-        matrices["merged"], baseline_info["merged"] = _merged(ws, aud, order, all_domains, stage_of, matrices["base"],
-                                                              merge, log if progress else None)
+        stage_of = {k: st.info for k, st in plan.stages.items()}
+        matrices["merged"], info["merged"] = _merged(ws, aud, plan.order, plan.all_domains, stage_of,
+                                                     matrices["base"], merge, aud.log)
+    if "joint" in baselines:
+        matrices["joint"], info["joint"] = _joint(ws, aud, plan, stored, lr)
+    return info
 
-    metrics = {s: continual_metrics(R, order, higher_is_better=False, base=base_row).to_dict()
+
+def _result(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices, routing_accuracy,
+            max_forgetting: float) -> AuditResult:
+    """The audit's figures, integrity findings and verdict (not yet stored)."""
+    order, L = plan.order, len(plan.order) - 1
+    base_row = [matrices["base"][L][j] for j in range(len(order))]
+    metrics = {s: (final_stage_metrics(R[L], order, higher_is_better=False) if s in ONE_STAGE
+                   else continual_metrics(R, order, higher_is_better=False, base=base_row)).to_dict()
                for s, R in matrices.items()}
-
-    # control set: the routed system must stay at the base's level outside every domain
-    from routing.engine import Routing
-
-    router = aud.stage_router(current_stage_info)
-    control_texts = list(AUDIT_CONTROL)
-    decisions = router.route(control_texts)
-    routed = [Routing.blend([(aud.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
-    control_base = float(rm.engine.loss(control_texts, Routing.base()).mean())
-    control_routed = float(rm.engine.loss(control_texts, routed).mean())
-    control = {"base_loss": control_base, "routed_loss": control_routed, "delta": control_routed - control_base,
-               "fallback_rate": sum(d.domain is None for d in decisions) / len(decisions), "n": len(control_texts)}
-
-    integrity = _integrity(ws, aud, order, stored, matrices, L, pos)
+    control = _control(aud, plan.current)
+    integrity = _integrity(ws, plan, stored, matrices)
     reasons = list(integrity)
     for s in ("own", "routed"):
         for d, f in metrics[s]["forgetting"].items():
@@ -317,26 +480,44 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
     if control["delta"] > CONTROL_TOLERANCE:
         reasons.append(f"routed system is {control['delta']:.4f} nats worse than the base on the control set "
                        f"(tolerance {CONTROL_TOLERANCE})")
-    passed = not reasons
     current = {s: {d: matrices[s][L][j] for j, d in enumerate(order)} for s in matrices}
-    result = AuditResult(None, order, matrices, metrics, current, routing_accuracy, control, integrity, passed,
-                         reasons, max_forgetting, baselines=baseline_info)
+    stages = [stage for _, _, stage in plan.rows()]
+    served = {d: [st.refs.get(d) if st else None for st in stages] for d in order}
+    return AuditResult(None, order, matrices, metrics, current, routing_accuracy, control, integrity, not reasons,
+                       reasons, max_forgetting, served=served, own_versions={d: plan.current.own.get(d) for d in order},
+                       stage_routers=[st.info.ref if st else None for st in stages])
 
-    summary = {"domains": order, "metrics": metrics, "current": current, "routing_accuracy": routing_accuracy,
-               "control": control, "integrity": integrity, "passed": passed, "reasons": reasons,
-               "max_forgetting": max_forgetting, "max_length": max_length, "router": current_stage_info.ref,
-               "matrices": matrices,
-               "baselines": baseline_info}
-    audit = reg.create_audit(domains=order, passed=passed, summary=summary)
+
+def _control(aud: _Auditor, stage: _Stage) -> dict[str, float]:
+    """The routed system against the base on general text outside every domain."""
+    from routing.engine import Routing
+
+    router = aud.stage_router(stage.info)
+    texts = list(AUDIT_CONTROL)
+    decisions = router.route(texts)
+    routed = [Routing.blend([(aud.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
+    base = float(aud.rm.engine.loss(texts, Routing.base()).mean())
+    routed_loss = float(aud.rm.engine.loss(texts, routed).mean())
+    return {"base_loss": base, "routed_loss": routed_loss, "delta": routed_loss - base,
+            "fallback_rate": sum(d.domain is None for d in decisions) / len(decisions), "n": len(texts)}
+
+
+def _store(ws, aud: _Auditor, plan: _Plan, result: AuditResult, max_length: int, out_dir) -> None:
+    """Record the audit and the figures measured now in the registry; set its id and report folder."""
+    reg = ws.registry
+    summary = {"domains": result.domains, "metrics": result.metrics, "current": result.current,
+               "routing_accuracy": result.routing_accuracy, "control": result.control,
+               "integrity": result.integrity, "passed": result.passed, "reasons": result.reasons,
+               "max_forgetting": result.max_forgetting, "max_length": max_length, "router": plan.current.info.ref,
+               "matrices": result.matrices, "baselines": result.baselines, "served": result.served,
+               "own_versions": result.own_versions,
+               # which router version each stage's routed figures measured: later audits reuse them only for it
+               "stage_routers": {str(k): st.info.ref for k, st in plan.stages.items()}}
+    audit = reg.create_audit(domains=result.domains, passed=result.passed, summary=summary)
     result.audit_id = audit.id
     if aud.rows:
         reg.log_audit_metrics(audit.id, aud.rows)
-    out = Path(out_dir) if out_dir else ws.path / "audits" / f"{audit.id:04d}"
-    result.out_dir = str(out)
-    result.seconds = time.time() - t0
-    write_report(result, out)
-    _track(ws, result, out)
-    return result
+    result.out_dir = str(Path(out_dir) if out_dir else ws.path / "audits" / f"{audit.id:04d}")
 
 
 def _audit_length(reg, max_length: int | None) -> int:
@@ -369,48 +550,118 @@ def _failed_audit(ws, order, problems, max_forgetting, out_dir, t0) -> AuditResu
     return result
 
 
-def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | None]]:
-    """The sequential fine-tuning baseline's matrix, training its missing versions."""
-    from routing.engine import Routing
+# ----------------------------------------------------------------- trained baselines: sequential, joint
+def _rows_data(train_rows: list[dict], eval_rows: list[dict], where: str):
+    """Stored rows as the trainer's `DomainData` (its fingerprint identifies a baseline's data)."""
+    from training.data import DomainData, Row, fingerprint_rows
+
+    def rows(items, split):
+        return [Row(text=r.get("text"), prompt=r.get("prompt"), completion=r.get("completion"),
+                    where=f"{where}:{split}:{n + 1}") for n, r in enumerate(items)]
+
+    train, ev = rows(train_rows, "train"), rows(eval_rows, "eval")
+    return DomainData(train, ev, fingerprint_rows(train, ev), "file")
+
+
+def _domain_settings(reg, domain: str) -> dict[str, int]:
+    """Steps, batch size and length of the domain's own newest version (what its chain link trains with)."""
+    own = sorted(reg.search_versions(domain=domain), key=lambda v: v.created_at)
+    cfg = own[-1].config if own else {}
+    return {"steps": cfg.get("steps") or 20, "batch_size": cfg.get("batch_size", 4),
+            "max_length": cfg.get("max_length", 256)}
+
+
+def _baseline_versions(reg, name: str) -> list:
+    try:
+        return reg.search_versions(name=name)
+    except NotFoundError:
+        return []
+
+
+def _train_baseline(ws, name: str, dd, settings: dict[str, int], lr: float, from_ref: str | None = None):
+    """Train and register one baseline LoRA version (domain `plait-baselines`)."""
     from training.trainer import TrainConfig, train_domain
 
+    return train_domain(ws.registry, ws.config.base_model, BASELINE_DOMAIN, dd, config=TrainConfig(
+        method="lora", name=name, steps=settings["steps"], batch_size=settings["batch_size"],
+        max_length=settings["max_length"], lr=lr, seed=BASELINE_SEED, progress=False, evaluate=False,
+        from_ref=from_ref)).version
+
+
+def _chain(ws, domains: list[str], lr: float, log=None, train: bool = True) -> list[tuple[Any, dict[str, int]]]:
+    """The sequential chain's link for each of `domains` (in order) and the settings it trains with.
+
+    Link k is the `sequential-baseline` version warm-started from link k-1 (link 0: from the
+    base) on domain k's stored rows at learning rate `lr`; an existing one is reused. With
+    `train=False` a missing link is None and its settings are what it would train with.
+    """
     reg = ws.registry
-    try:
-        have = len(reg.search_versions(name=SEQUENTIAL, include_archived=True))
-    except NotFoundError:
-        have = 0
-    R = [[None] * len(order) for _ in order]
-    for i, d_i in enumerate(order):
-        stage = all_domains.index(d_i)
-        if have < stage + 1:  # train version stage+1 on domain stage, warm-started from the previous one
-            for k in range(have, stage + 1):
-                dk = all_domains[k]
-                own = reg.search_versions(domain=dk)
-                own = [v for v in own if v.name != SEQUENTIAL]
-                cfg = own[-1].config if own else {}
-                rows = reg.get_domain_rows(dk, "train")
-                tmp = ws.path / "tmp" / f"seq-{k}.jsonl"
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                evtmp = tmp.with_suffix(".eval.jsonl")
-                evtmp.write_text("".join(json.dumps(r) + "\n" for r in reg.get_domain_eval(dk)))
-                if log:
-                    log(f"  training {SEQUENTIAL}:{k + 1} on {dk} (warm start from :{k})" if k else
-                        f"  training {SEQUENTIAL}:1 on {dk}")
-                train_domain(reg, ws.config.base_model, BASELINE_DOMAIN, tmp, evtmp, TrainConfig(
-                    method="lora", name=SEQUENTIAL, steps=cfg.get("steps") or 20, batch_size=cfg.get("batch_size", 4),
-                    max_length=cfg.get("max_length", 256), lr=cfg.get("lr"), seed=0, progress=False, evaluate=False,
-                    from_ref=f"{SEQUENTIAL}:{k}" if k else None))
-            have = stage + 1
-        for j, d_j in enumerate(order[:i + 2]):  # i + 1: the next domain, for FWT
-            v = value("sequential", stage, d_j)
-            if v is None:
-                ref = aud.load(f"{SEQUENTIAL}:{stage + 1}")
-                v = aud.loss(d_j, Routing.one(ref))
-                aud.rows.append({"ref": f"{SEQUENTIAL}:{stage + 1}", "eval_domain": d_j, "name": "R.sequential.loss",
-                                 "value": v, "stage": stage})
-            R[i][j] = v
-    return R
+    existing = _baseline_versions(reg, SEQUENTIAL)
+    links: list[tuple[Any, dict[str, int]]] = []
+    for k, d in enumerate(domains):
+        parent = links[-1][0].ref if links and links[-1][0] is not None else None
+        dd = _rows_data(reg.get_domain_rows(d, "train"), reg.get_domain_eval(d), d)
+        found = [v for v in existing if v.data_fingerprint == dd.fingerprint and v.config.get("lr") == lr
+                 and v.config.get("warm_start") == parent] if k == 0 or parent else []
+        if found:
+            v = found[-1]
+            links.append((v, {k_: v.config[k_] for k_ in ("steps", "batch_size", "max_length")}))
+            continue
+        settings = _domain_settings(reg, d)
+        link = None
+        if train:
+            if log:
+                log(f"  training {SEQUENTIAL} on {d}" + (f" (warm start from {parent})" if parent else ""))
+            link = _train_baseline(ws, SEQUENTIAL, dd, settings, lr, from_ref=parent)
+        links.append((link, settings))
+    return links
+
+
+def _sequential(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, lr: float):
+    """The sequential fine-tuning baseline's matrix (training its missing links) and how it was built."""
+    links = _chain(ws, plan.all_domains[:plan.last_stage + 1], lr, aud.log)
+    R = plan.empty()
+    for i, stage_no, _ in plan.rows():
+        ref = links[stage_no][0].ref
+        for j, d_j in enumerate(plan.order[:i + 2]):  # i + 1: the next domain, for FWT
+            R[i][j] = aud.version_loss(stored, "sequential", ref, stage_no, d_j)
+    return R, {"lr": lr, "links": [v.ref for v, _ in links], "steps": [s["steps"] for _, s in links],
+               "batch_size": [s["batch_size"] for _, s in links]}
+
+
+def _joint_settings(links: list[tuple[Any, dict[str, int]]]) -> dict[str, int]:
+    """The chain's total steps; its batch size per step on average (so the joint run sees as many
+    examples as the chain; the chain's own when every link has one), and its longest length."""
+    steps = sum(s["steps"] for _, s in links)
+    examples = sum(s["steps"] * s["batch_size"] for _, s in links)
+    return {"steps": steps, "batch_size": max(1, round(examples / steps)),
+            "max_length": max(s["max_length"] for _, s in links)}
+
+
+def _joint(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, lr: float):
+    """The joint baseline's matrix (its final row only) and how it was built, training it if needed."""
+    reg = ws.registry
+    covered = plan.all_domains[:plan.last_stage + 1]
+    settings = _joint_settings(_chain(ws, covered, lr, train=False))
+    rows = [r for d in covered for r in reg.get_domain_rows(d, "train")]
+    random.Random(BASELINE_SEED).shuffle(rows)
+    # the eval rows only complete the trainer's input (it does not evaluate baselines): the first domain's
+    dd = _rows_data(rows, reg.get_domain_eval(covered[0]), "joint")
+    found = [v for v in _baseline_versions(reg, JOINT) if v.data_fingerprint == dd.fingerprint
+             and v.config.get("lr") == lr and all(v.config.get(k) == n for k, n in settings.items())]
+    if found:
+        version = found[-1]
+    else:
+        if aud.log:
+            aud.log(f"  training {JOINT} on {len(rows)} rows of {', '.join(covered)} ({settings['steps']} steps)")
+        version = _train_baseline(ws, JOINT, dd, settings, lr)
+    R = plan.empty()
+    L = len(plan.order) - 1
+    R[L] = [aud.version_loss(stored, "joint", version.ref, plan.last_stage, d) for d in plan.order]
+    if version.ref in aud.rm.engine.adapters:  # it served only this measurement: free the shared engine
+        aud.rm.engine.remove_adapter(version.ref)
+    return R, {"ref": version.ref, "domains": covered, "rows": len(rows), "lr": lr, **settings,
+               "trained": not found}
 
 
 def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
@@ -514,26 +765,25 @@ def _merged_note(entry: dict[str, Any], method: str) -> str:
     return head + body + (f"; {tail}" if tail else "")
 
 
-def _integrity(ws, aud, order, stored, matrices, L, pos) -> list[str]:
+def _integrity(ws, plan: _Plan, stored: _StoredFigures, matrices) -> list[str]:
+    """Base fingerprints of the versions the final stage serves and owns, and own outputs unchanged."""
     problems = []
-    router = aud.stage_router(aud.reg.get_router(ws.router_kind))
     try:
         base_fp = ws.base_fingerprint
     except Exception as e:  # noqa: BLE001 - a base that cannot be read fails the audit, it does not crash it
         return problems + [f"base model unreadable: {e}"]
-    for d in order:
-        ref = router.refs.get(d)
-        if ref is None:
-            continue
+    stage, L = plan.current, len(plan.order) - 1
+    refs = dict.fromkeys(r for d in plan.order for r in (stage.refs.get(d), stage.own.get(d)) if r)
+    for ref in refs:
         info = ws.registry.get_version(ref)
         if info.base_fingerprint != base_fp:
             problems.append(f"{ref} was trained on base {info.base_fingerprint[:23]}…, the workspace base is "
                             f"{base_fp[:23]}…")
+    for j, d in enumerate(plan.order):
         # the same version's loss on its own eval set, recorded by an earlier audit, must reproduce
-        j = order.index(d)
-        now = matrices["own"][L][j]
-        for (name, stage, dom), m in stored.items():
-            if name == "R.own.loss" and dom == d and m["ref"] == ref and now is not None \
+        ref, now = stage.own.get(d), matrices["own"][L][j]
+        for (_, dom), m in stored.own_rows.items():
+            if dom == d and ref is not None and m["ref"] == ref and now is not None \
                     and abs(m["value"] - now) > OUTPUT_TOLERANCE:
                 problems.append(f"{ref}'s loss on its own eval set changed since audit {m['audit_id']}: "
                                 f"{m['value']:.6f} -> {now:.6f}")
@@ -541,65 +791,128 @@ def _integrity(ws, aud, order, stored, matrices, L, pos) -> list[str]:
     return problems
 
 
-def write_report(result: AuditResult, out: Path) -> None:
-    """report.md, audit.json and one heatmap PNG per system into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(json.dumps(result.summary(), indent=2, default=str))
-    # the object API, not pyplot: no global backend switch in the caller's process (a notebook)
+def heatmap_figure(result: AuditResult):
+    """One panel per system (the base is the zero of the scale): R[i][j] minus the base model's loss
+    on domain j, on one diverging colour scale shared by every panel and centred on 0, so equal
+    colours are equal differences in nats in every panel, and a domain far from the base's
+    knowledge does not flatten the others. Returns a matplotlib `Figure` (object API: no global
+    pyplot backend switch in the caller's process, e.g. a notebook)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    systems = list(result.matrices)
-    fig = Figure(figsize=(3.2 * len(systems) + 1, 3.4))
-    axes = fig.subplots(1, len(systems), squeeze=False)
-    n = len(result.domains)
-    for ax, s in zip(axes[0], systems):
-        R = [[float("nan") if v is None else v for v in row] for row in result.matrices[s]]
-        im = ax.imshow(R, cmap="viridis_r")
-        ax.set_title(s)
+    n, L = len(result.domains), len(result.domains) - 1
+    base = result.matrices["base"][L]
+    systems = [s for s in result.matrices if s != "base"]
+    deltas = {s: [[float("nan") if v is None else v - base[j] for j, v in enumerate(row)]
+                  for row in result.matrices[s]] for s in systems}
+    largest = max((abs(v) for R in deltas.values() for row in R for v in row if not math.isnan(v)), default=0.0)
+    norm = Normalize(vmin=-max(largest, 1e-6), vmax=max(largest, 1e-6))  # one scale for every panel
+    fig = Figure(figsize=(3.2 * len(systems) + 1.2, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(systems), squeeze=False)[0]
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.82")  # grey: not measured (white is 0)
+    image = None
+    for ax, s in zip(axes, systems):
+        image = ax.imshow(deltas[s], cmap=cmap, norm=norm)
+        ax.set_title(s, fontsize=9)
         ax.set_xticks(range(n), result.domains, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), [f"after {d}" for d in result.domains], fontsize=7)
         for i in range(n):
             for j in range(n):
-                if not math.isnan(R[i][j]):
-                    ax.text(j, i, f"{R[i][j]:.2f}", ha="center", va="center", fontsize=6, color="w")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("mean token loss R[i][j]: after adding domain i (rows), on domain j (columns); lower is better",
-                 fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "heatmap.png", dpi=130)
+                v = deltas[s][i][j]
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=6,
+                            color="w" if abs(v) > 0.6 * largest else "k")
+    fig.colorbar(image, ax=list(axes), fraction=0.046, label="loss - base loss (nats)")
+    fig.suptitle("mean token loss relative to the base model, R[i][j] - base_j: after adding domain i (rows), on "
+                 "domain j (columns); below 0 (blue) = better than the base; grey = not measured", fontsize=8)
+    return fig
+
+
+def write_report(result: AuditResult, out: Path) -> None:
+    """report.md, audit.json and heatmap.png (`heatmap_figure`) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(result.summary(), indent=2, default=str))
+    heatmap_figure(result).savefig(out / "heatmap.png", dpi=130)
     lines = [f"# plait forgetting audit #{result.audit_id}", "",
              f"**{'PASSED' if result.passed else 'FAILED'}** — domains in order: {', '.join(result.domains)}; "
              f"gate: forgetting <= {result.max_forgetting} nats (own, routed), integrity, control set.", ""]
-    for r in result.reasons:
-        lines.append(f"- {r}")
-    lines += ["", "## Final stage: mean token loss per domain (lower is better)", "",
-              "| domain | " + " | ".join(result.current) + " | routing accuracy |",
-              "|---|" + "---|" * (len(result.current) + 1)]
-    for d in result.domains:
-        acc = result.routing_accuracy.get(d)
-        lines.append(f"| {d} | " + " | ".join(f"{result.current[s][d]:.4f}" for s in result.current)
-                     + f" | {'-' if acc is None else f'{acc:.1%}'} |")
-    lines += ["", "## Continual-learning metrics (signed: positive forgetting = worse; positive BWT/FWT = better)", "",
-              "| system | ACC (mean loss) | BWT | FWT | max forgetting |", "|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:+.4f}"  # noqa: E731
-    for s, m in result.metrics.items():
-        lines.append(f"| {s} | {m['acc']:.4f} | {fmt(m['bwt'])} | {fmt(m['fwt'])} | {m['max_forgetting']:+.4f} |")
-    lines += ["", "Per-domain forgetting:", ""]
-    for s, m in result.metrics.items():
-        lines.append(f"- {s}: " + (", ".join(f"{d} {v:+.4f}" for d, v in m["forgetting"].items()) or "-"))
-    merged = result.baselines.get("merged")
-    if merged:
-        lines += ["", f"Merged baseline (`--merge {merged['method']}`; peft add_weighted_adapter):", ""]
-        lines += [f"- {st['note']}" for st in merged["stages"]]
+    lines += [f"- {r}" for r in result.reasons]
+    lines += _report_tables(result) + _report_served(result) + _report_baselines(result)
     c = result.control
     lines += ["", f"Control set ({c['n']} general texts): base {c['base_loss']:.4f}, routed {c['routed_loss']:.4f} "
               f"(delta {c['delta']:+.4f}), {c['fallback_rate']:.0%} routed to the base.", "",
               "Integrity: " + ("every artifact passed its hash check; adapters match the base; outputs unchanged."
                                if not result.integrity else "; ".join(result.integrity)),
               "", "![heatmap](heatmap.png)", "",
+              "The heatmap shows each system's loss minus the base model's on the same domain, on one colour scale "
+              "for every panel.", "",
               "Definitions (Avalanche): forgetting_j = R[j][j] - R[L][j] for accuracies, negated for losses; "
-              "BWT = -mean forgetting; FWT = mean_j (R[j-1][j] - base_j), signed the same way.", ""]
+              "BWT = -mean forgetting; FWT = mean_j (R[j-1][j] - base_j), signed the same way. A one-stage system "
+              "(joint) has ACC only.", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.4f}"
+
+
+def _report_tables(result: AuditResult) -> list[str]:
+    """The final stage's losses per domain, and the continual-learning metrics per system."""
+    lines = ["", "## Final stage: mean token loss per domain (lower is better)", "",
+             "| domain | " + " | ".join(result.current) + " | routing accuracy |",
+             "|---|" + "---|" * (len(result.current) + 1)]
+    for d in result.domains:
+        acc = result.routing_accuracy.get(d)
+        lines.append(f"| {d} | " + " | ".join(f"{result.current[s][d]:.4f}" for s in result.current)
+                     + f" | {'-' if acc is None else f'{acc:.1%}'} |")
+    lines += ["", "## Continual-learning metrics (signed: positive forgetting = worse; positive BWT/FWT = better)", "",
+              "| system | ACC (mean loss) | BWT | FWT | max forgetting |", "|---|---|---|---|---|"]
+    for s, m in result.metrics.items():
+        lines.append(f"| {s} | {m['acc']:.4f} | {_fmt(m['bwt'])} | {_fmt(m['fwt'])} | {_fmt(m['max_forgetting'])} |")
+    lines += ["", "Per-domain forgetting:", ""]
+    for s, m in result.metrics.items():
+        if s not in ONE_STAGE:
+            lines.append(f"- {s}: " + (", ".join(f"{d} {v:+.4f}" for d, v in m["forgetting"].items()) or "-"))
+    return lines
+
+
+def _report_served(result: AuditResult) -> list[str]:
+    """Which version the router served each domain with at each stage, and each domain's own version."""
+    if not result.served:
+        return []
+    lines = ["", "## Versions serving each domain (router's choice per stage; own = the oracle's version)", "",
+             "| stage | router | " + " | ".join(result.domains) + " |", "|---|---|" + "---|" * len(result.domains)]
+    for i, d_i in enumerate(result.domains):
+        router = result.stage_routers[i] if i < len(result.stage_routers) else None
+        lines.append(f"| after {d_i} | {router or '-'} | "
+                     + " | ".join(result.served[d][i] or "-" for d in result.domains) + " |")
+    lines.append("| own (final) | | " + " | ".join(result.own_versions.get(d) or "-" for d in result.domains) + " |")
+    return lines
+
+
+def _report_baselines(result: AuditResult) -> list[str]:
+    """How each baseline was built."""
+    lines = []
+    seq = result.baselines.get("sequential")
+    if seq:
+        lines += ["", f"Sequential baseline: {' <- '.join(seq['links'])} (each warm-started from the previous), "
+                  f"lr {seq['lr']:g}, steps {'+'.join(map(str, seq['steps']))}."]
+    merged = result.baselines.get("merged")
+    if merged:
+        lines += ["", f"Merged baseline (`--merge {merged['method']}`; peft add_weighted_adapter):", ""]
+        lines += [f"- {st['note']}" for st in merged["stages"]]
+    joint = result.baselines.get("joint")
+    if joint:
+        lines += ["", f"Joint baseline: {joint_note(joint)}."]
+    return lines
+
+
+def joint_note(joint: dict[str, Any]) -> str:
+    """One line saying what the joint baseline is."""
+    return (f"{joint['ref']}, one LoRA trained on the {joint['rows']} shuffled training rows of "
+            f"{', '.join(joint['domains'])} ({joint['steps']} steps = the sequential chain's total, batch "
+            f"{joint['batch_size']}, lr {joint['lr']:g}; {'trained now' if joint['trained'] else 'reused'})")
 
 
 def _track(ws, result: AuditResult, out: Path) -> None:

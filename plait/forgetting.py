@@ -13,6 +13,11 @@ Lopez-Paz & Ranzato 2017 (GEM, arXiv:1706.08840) for BWT/FWT and Chaudhry et al.
 plait measures losses as well as accuracies. So that one reading holds for both, every figure
 here is *signed by goodness*: for a lower-is-better metric (a loss) the differences are
 negated, so positive forgetting always means worse, positive BWT/FWT always means better.
+
+A system that exists only after the last stage (joint multi-task training on every domain at
+once, the field's upper bound) has a last row and nothing before it: `final_stage_metrics`
+gives its ACC and leaves BWT, FWT and forgetting undefined (None, empty), rather than a 0 that
+would read as "forgets nothing".
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class ContinualMetrics:
     bwt: float | None
     fwt: float | None
     forgetting: dict[str, float]
-    max_forgetting: float
+    max_forgetting: float | None
+    """None for a one-stage system (`final_stage_metrics`): nothing earlier to forget"""
     higher_is_better: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,3 +83,22 @@ def continual_metrics(R: list[list[float | None]], domains: list[str], *, higher
         fwt = sum(sign * (_value(R, j - 1, j) - float(base[j])) for j in range(1, T)) / (T - 1)
     return ContinualMetrics(acc=acc, bwt=bwt, fwt=fwt, forgetting=forgetting,
                             max_forgetting=max(forgetting.values(), default=0.0), higher_is_better=higher_is_better)
+
+
+def final_stage_metrics(row: list[float | None], domains: list[str], *, higher_is_better: bool) -> ContinualMetrics:
+    """ACC of a system measured after the last stage only (e.g. joint training on every domain).
+
+    Args:
+        row: its performance on each of the T domains, in order.
+        domains: the T domain names.
+        higher_is_better: True for accuracies, False for losses.
+
+    Returns:
+        the metrics with `acc` = mean of `row`; `bwt`, `fwt` and `max_forgetting` None and
+        `forgetting` empty, since they compare stages this system never had.
+    """
+    if not domains or len(row) != len(domains):
+        raise BadInputError(f"the row has {len(row)} values for {len(domains)} domains; it needs one per domain")
+    acc = sum(_value([row], 0, j) for j in range(len(domains))) / len(domains)
+    return ContinualMetrics(acc=acc, bwt=None, fwt=None, forgetting={}, max_forgetting=None,
+                            higher_is_better=higher_is_better)

@@ -42,3 +42,15 @@ def test_single_domain_and_bad_shapes():
         continual_metrics([[0.5]], ["a", "b"], higher_is_better=True)
     with pytest.raises(BadInputError, match=r"no value at R\[1\]\[0\]"):
         continual_metrics([[0.5, None], [None, 0.4]], ["a", "b"], higher_is_better=True)
+
+
+def test_a_one_stage_system_has_acc_only():
+    from plait.forgetting import final_stage_metrics
+
+    m = final_stage_metrics([2.0, 3.0, 4.5], ["a", "b", "c"], higher_is_better=False)
+    assert m.acc == pytest.approx(9.5 / 3)
+    assert (m.bwt, m.fwt, m.forgetting, m.max_forgetting) == (None, None, {}, None)
+    with pytest.raises(BadInputError, match="the row has 2 values for 3 domains"):
+        final_stage_metrics([2.0, 3.0], ["a", "b", "c"], higher_is_better=False)
+    with pytest.raises(BadInputError, match=r"no value at R\[0\]\[1\]"):
+        final_stage_metrics([2.0, None], ["a", "b"], higher_is_better=False)

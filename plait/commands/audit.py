@@ -31,11 +31,8 @@ def print_audit(result) -> None:
     for s, m in result.metrics.items():
         metrics.add_row(s, f"{m['acc']:.4f}", fmt(m["bwt"]), fmt(m["fwt"]), fmt(m["max_forgetting"]))
     c.print(metrics)
-    merged = result.baselines.get("merged")
-    if merged:
-        c.print(f"merged baseline ({merged['method']}):")
-        for st in merged["stages"]:
-            c.print(f"  {st['note']}", style="dim")
+    _print_baselines(c, result)
+    c.print("served: " + served_line(result), style="dim")
     ctl = result.control
     c.print(f"control set: base {ctl['base_loss']:.4f}, routed {ctl['routed_loss']:.4f} "
             f"({ctl['fallback_rate']:.0%} sent to the base)")
@@ -45,11 +42,40 @@ def print_audit(result) -> None:
         c.print(f"  [red]- {r}[/red]")
 
 
+def _print_baselines(c, result) -> None:
+    """How the merged and joint baselines were built, one line each."""
+    from plait.audit import joint_note
+
+    merged = result.baselines.get("merged")
+    if merged:
+        c.print(f"merged baseline ({merged['method']}):")
+        for st in merged["stages"]:
+            c.print(f"  {st['note']}", style="dim")
+    joint = result.baselines.get("joint")
+    if joint:
+        c.print(f"joint baseline: {joint_note(joint)}", style="dim")
+
+
+def served_line(result) -> str:
+    """Per domain, the versions the router served it with across the stages, e.g.
+    `cats cats:1 -> law:1 (after law); law law:1`: a change names the stage it came with."""
+    parts = []
+    for d in result.domains:
+        runs, last = [], None
+        for i, ref in enumerate(result.served.get(d, [])):
+            if ref is not None and ref != last:
+                runs.append(ref if last is None else f"{ref} (after {result.domains[i]})")
+                last = ref
+        parts.append(f"{d} {' -> '.join(runs) or '-'}")
+    return "; ".join(parts)
+
+
 def audit(
     domains: Annotated[str | None, typer.Option("--domains", help="Comma-separated domains (default: all).")] = None,
     baseline: Annotated[str, typer.Option(
         "--baseline", help="Also measure baselines, comma-separated: sequential (one LoRA fine-tuned domain after "
-        "domain), merged (the domains' LoRAs merged into one), or none.")] = "none",
+        "domain), merged (the domains' LoRAs merged into one), joint (one LoRA trained on every domain's rows at "
+        "once, with the sequential chain's total steps), or none.")] = "none",
     merge: Annotated[str, typer.Option(
         "--merge", help="How the merged baseline merges: cat (exact mean of the LoRA deltas), ties (TIES, "
         "density 0.2; slower) or linear (peft's approximate linear merge; one rank only).")] = "cat",
