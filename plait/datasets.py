@@ -6,6 +6,14 @@ copied into this repository: they are read from the installed package, split
 deterministically (by a hash of the file name) and written as JSONL files into the
 workspace for `plait train`.
 
+The `python-code` domain is far from news: functions and methods cut from a fixed list of
+modules of the interpreter's own standard library (`sysconfig.get_paths()["stdlib"]`), so every
+machine has it offline. Each chosen file is pinned by its sha256 as shipped with Python 3.11
+(the same bytes in 3.11.2 and 3.11.7); a file that is missing or differs is refused with
+`StdlibMismatchError`, never replaced by whatever this interpreter ships, so every machine that
+builds the domain trains and is audited on the same rows (the demo then leaves the domain out
+and says why).
+
 The control set is general text outside every BBC domain (cooking, nature, maths, health,
 travel, ...), written for plait: the router should send it to the base model, and the audit
 checks the routed system stays at the base model's level on it.
@@ -13,9 +21,13 @@ checks the routed system stays at the base model's level on it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
+import sys
+import sysconfig
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +149,143 @@ def write_bbc_jsonl(out_dir: Path, n_train: int, n_eval: int, max_chars: int = 6
             pair.append(p)
         paths[d] = (pair[0], pair[1])
     return paths
+
+
+# --- python-code: the interpreter's own standard library --------------------------------------
+
+CODE_DOMAIN = "python-code"
+#: the interpreter the pins below were taken from (the files are byte-identical in 3.11.2)
+CODE_PINNED_ON = "3.11.7"
+#: the standard-library files the domain is cut from, by path under the stdlib folder, and the
+#: sha256 of each as shipped with Python 3.11; chosen for being stable across 3.11 releases
+CODE_FILES = {
+    "textwrap.py": "62867e40cdea6669b361f72af4d7daf0359f207c92cbeddfc7c7506397c1f31c",
+    "heapq.py": "6d43277e5c76fc0f073cd388fcff852d14d068f6bb6d4886c340f8b75a1229a9",
+    "graphlib.py": "7bd338c5a475d1101064603d3baa5507446d3c5e73f741f6d6e77c6204c1eb65",
+    "sched.py": "edfb309483d7cb05e06ad86d1fdeb819629f71402dc6710a1bec36c7afcaac50",
+    "cmd.py": "fb82a8c4e44e5b559c88d516d79051534cec69a463df97defe05ac8a261f0a0d",
+    "shlex.py": "42ab6060f316e121e374e6621d8c1c98b8db323903c3df289a810c45a8ae46a7",
+    "queue.py": "f6c37fc37cd7440979f7d22d40ee818fa3b714c573610c08fa52911d541193f0",
+    "string.py": "24aeae1f0526250f442022022bf98df9a823b1cb330543ee79e70e44907462e9",
+    "copy.py": "27dcfc53a4b9d4fbc3d90c74e549eb6eca9301524d6d2fbff9a6589cf51b6fd5",
+    "fractions.py": "b11e850e354808b882d13a70a911c29accd1dbdd41757566704e3b7206c74edb",
+    "statistics.py": "889a066f1b8063e73387ceb84018efc507a89b365b56c6afb9cc15b2ed25c2d9",
+    "pprint.py": "0b67dbc8af449d8ced3acd9df902e98c2dbc56c8f2a7a181c51cc72768db621f",
+    "bisect.py": "e5b2ff166f48a06e70ae831d8c9b47283fcd0c254306eee12d3dae9c55e11526",
+    "fnmatch.py": "6683da36e47af523f3f41e18ad244d837783e19e98911cc0b7415dea81494ebc",
+    "glob.py": "fa579f8a50a66313d34d339f10be0821c9b4fed6207e8ba8e29ed1c5e119f740",
+    "reprlib.py": "264433cc232332db871666b3bb6e4c2cb97b092cb8d5056a45ec2e53daea2b1c",
+    "csv.py": "6c68a5186e3b85e6e267a7ef96479327a45ae2b40bf5e9f2017e4b2282b3f5b1",
+    "json/encoder.py": "7c358788fbb2a6a07f66f1f8446c52396f35fc201108f666d5be002d86f31af2",
+    "json/decoder.py": "9f02654649816145bc76f8c210a5fe3ba1de142d4d97a1c93105732e747c285b",
+    "functools.py": "6d80018a3fa9fed44c5b78f881987ee3ab3fb1238b077b4e6dcb4b76da7db73b",
+    "random.py": "b931a2d452db89ab9e1f79d59b66ce194dbd6748049cfe44699726da52b9c956",
+    "difflib.py": "0c6afc23568d55b3e9ac914f9c5361e3033e778aa5b58d3cc82835fc5c638679",
+    "getopt.py": "efafb88c7c978e96bd6c232b7fa10bf50cef5e7fb0fb7dc8e5bce44e19f8c92f",
+    "hmac.py": "a4790b3cfd1b58875879621dbe8f4c0a30fb50a8582045b0d5c1a712afc8c36b",
+}
+#: pieces shorter than this (one-line methods) teach little and are left out
+MIN_CODE_CHARS = 80
+
+
+class StdlibMismatchError(NotFoundError):
+    """A pinned standard-library file is missing or differs from the pinned copy (exit code 2)."""
+
+
+def stdlib_root() -> Path:
+    """This interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def read_pinned(root: Path | None = None, files: dict[str, str] | None = None) -> dict[str, str]:
+    """The source of every pinned file, by its path under `root`, after checking its sha256.
+
+    Args:
+        root: the standard-library folder (default: this interpreter's).
+        files: {path under root: sha256} (default: `CODE_FILES`).
+
+    Raises:
+        StdlibMismatchError: a file is missing or its bytes differ from the pinned ones; nothing
+            is substituted, so two machines never train on different rows under one name.
+    """
+    root, files = Path(root) if root else stdlib_root(), CODE_FILES if files is None else files
+    here = ".".join(map(str, sys.version_info[:3]))
+    out = {}
+    for rel, want in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise StdlibMismatchError(f"{path} is missing; the {CODE_DOMAIN} domain is pinned to the standard "
+                                      f"library of Python {CODE_PINNED_ON} (this is Python {here})")
+        data = path.read_bytes()
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise StdlibMismatchError(f"{path} has sha256 {got[:12]}..., not the {want[:12]}... pinned on Python "
+                                      f"{CODE_PINNED_ON} (this is Python {here}); the {CODE_DOMAIN} domain is "
+                                      f"built only from the pinned files: run it with Python 3.11")
+        out[rel] = data.decode("utf-8")
+    return out
+
+
+def code_pieces(source: str) -> list[str]:
+    """Each top-level function and each method of a top-level class, dedented, in source order.
+
+    Decorators belong to their function; nested functions stay inside their parent, so no two
+    pieces overlap.
+    """
+    lines = source.splitlines()
+    pieces = []
+    for node in ast.parse(source).body:
+        for sub in [node, *(node.body if isinstance(node, ast.ClassDef) else [])]:
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([sub.lineno, *(d.lineno for d in sub.decorator_list)])
+                pieces.append(textwrap.dedent("\n".join(lines[first - 1:sub.end_lineno])))
+    return pieces
+
+
+def _cut(text: str, max_chars: int | None) -> str:
+    """At most `max_chars` characters, ending at a line break when one is in the second half."""
+    if not max_chars or len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    cut = head.rfind("\n")
+    return head[:cut] if cut > max_chars // 2 else head
+
+
+def code_splits(n_train: int | None = None, n_eval: int | None = None, max_chars: int | None = 400,
+                eval_fraction: float = 0.2, root: Path | None = None, files: dict[str, str] | None = None
+                ) -> dict[str, list[str]]:
+    """The `python-code` rows: {'train': [...], 'eval': [...]}, each truncated to its first n.
+
+    A piece (cut to `max_chars`) goes to 'eval' or 'train' by the sha256 of its text, so equal
+    texts always land on the same side and no eval row is a training row; duplicates are
+    dropped, and each side is ordered by that hash, which mixes the files deterministically.
+
+    Raises:
+        StdlibMismatchError: see `read_pinned`.
+    """
+    texts = set()
+    for source in read_pinned(root, files).values():
+        texts.update(t for t in (_cut(p, max_chars) for p in code_pieces(source)) if len(t) >= MIN_CODE_CHARS)
+    keyed = sorted((hashlib.sha256(t.encode()).hexdigest(), t) for t in texts)
+    out: dict[str, list[str]] = {"train": [], "eval": []}
+    for h, t in keyed:
+        out["eval" if int(h[:8], 16) / 0xFFFFFFFF < eval_fraction else "train"].append(t)
+    return {"train": out["train"][:n_train], "eval": out["eval"][:n_eval]}
+
+
+def write_code_jsonl(out_dir: Path, n_train: int, n_eval: int, max_chars: int = 400, root: Path | None = None,
+                     files: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """Write `python-code.train.jsonl` and `python-code.eval.jsonl` rows `{"text": ...}`.
+
+    Raises:
+        StdlibMismatchError: see `read_pinned`; nothing is written then.
+    """
+    parts = code_splits(n_train, n_eval, max_chars, root=root, files=files)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pair = []
+    for split in ("train", "eval"):
+        p = out_dir / f"{CODE_DOMAIN}.{split}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in parts[split]))
+        pair.append(p)
+    return pair[0], pair[1]

@@ -11,10 +11,11 @@ import typer
 def demo(
     workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Demo workspace (reused when it exists).")]
         = Path("plait-demo/.plait"),
-    fast: Annotated[bool, typer.Option("--fast", help="A smaller run: three domains, fewer steps.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="A smaller run: python-code and two BBC domains, fewer steps.")]
+        = False,
     large: Annotated[bool, typer.Option("--large", help="A bigger run for a machine with a GPU.")] = False,
 ) -> None:
-    """Grow SmolLM2 over five BBC News domains with LoRA, QLoRA and bottleneck adapters; audit each step."""
+    """Grow SmolLM2 over Python code and five BBC News domains (bottleneck, LoRA, QLoRA adapters); audit each step."""
     from plait.demo import FAST, FULL, LARGE, run_demo
 
     run_demo(workspace, LARGE if large else FAST if fast else FULL)
