@@ -163,11 +163,15 @@ class Workspace:
         """Train a new domain and fold it into the system (see `plait.continual.add_domain`).
 
         Args:
-            train_options: `training.trainer.TrainConfig` fields (method, steps, rank, ...).
+            train_options: `training.trainer.TrainConfig` fields (method, steps, rank, ...); `init`
+                defaults to auto (start from the best related registered version, see
+                `training.warmstart`) unless `from_ref` is given.
         """
         from plait.continual import add_domain
         from training.trainer import TrainConfig
 
+        if train_options.get("from_ref") is None:
+            train_options.setdefault("init", "auto")
         result = add_domain(self, domain, data, eval_data, TrainConfig(**train_options), audit=audit)
         if result is not None and "routed_model" in self.__dict__:
             self.routed_model.refresh()

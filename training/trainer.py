@@ -36,12 +36,13 @@ from typing import Any
 
 from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
 from registry.hashing import sha256_file
-from registry.names import parse_ref, validate_name
+from registry.names import validate_name
 from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
 from training.methods import Method, count_trainable, get_method
+from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_start, given_options, start_from
 
 DTYPES = ("auto", "fp32", "bf16")
 STATE_FILE = "trainer_state.json"
@@ -76,7 +77,11 @@ class TrainConfig:
     dtype: str = "auto"
     """auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32 or bf16"""
     from_ref: str | None = None
-    """warm-start from this registered version (NAME, NAME:3, NAME@alias)"""
+    """warm-start from this registered version (NAME, NAME:3, NAME@alias); the same as init=REF"""
+    init: str | None = None
+    """where the adapter starts: auto (the registered version that fits a sample of the training rows best,
+    if it beats the base there; see `training.warmstart`), base (fresh) or a version; None = from_ref if
+    given, else base (`plait train` and `Workspace.add_domain` default to auto)"""
     resume: bool = False
     """continue from the checkpoint an interrupted run of the same config left"""
     seed: int = 0
@@ -118,8 +123,9 @@ class TrainConfig:
             raise BadInputError(f"learning rate {self.lr!r} is invalid: use a number between 0 and 1 (e.g. 2e-4)")
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype {self.dtype!r} is invalid: use auto, fp32 or bf16")
-        if self.from_ref is not None:
-            parse_ref(self.from_ref)
+        self.init = check_init(self.init, self.from_ref)
+        if self.from_ref is None and self.init not in (AUTO, BASE):
+            self.from_ref = self.init
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise BadInputError(f"gradient clip {self.grad_clip!r} is invalid: use a number > 0, or None for no clipping")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
@@ -148,11 +154,14 @@ class TrainResult:
     mlflow_run_id: str | None
     model: Any = field(default=None, repr=False)
     """the trained model in memory (adapter attached)"""
+    init: InitChoice | None = None
+    """where the adapter started and, for auto, the candidates' sample losses"""
 
     def summary(self) -> dict[str, Any]:
         v = self.version
         return {"ref": v.ref, "domain": v.domain, "kind": v.kind, "sha256": v.sha256, "steps": self.steps,
                 "parents": v.parents, "metrics": self.metrics, "mlflow_run_id": self.mlflow_run_id,
+                "init": self.init.to_dict() if self.init else None,
                 "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None}
 
@@ -531,6 +540,22 @@ def _log_losses(run, losses: list[float]) -> None:
         run.client.log_batch(run.run_id, metrics=metrics[i:i + 1000])
 
 
+def _checkpoint_to_resume(ckpt: Path) -> tuple[Path, dict]:
+    """The newest complete checkpoint of the slot `ckpt` (a crash mid-replacement leaves one) and its state."""
+    found = latest_checkpoint(ckpt)
+    if found is None:
+        raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
+    return found, read_checkpoint_state(found)
+
+
+def _say(line: str, enabled: bool) -> None:
+    """A progress line beside the progress bar (off with progress, e.g. under --json)."""
+    if enabled:
+        from rich.console import Console
+
+        Console().print(line, style="dim", highlight=False)
+
+
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
@@ -565,8 +590,6 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     """
     import torch
 
-    from training.base import check_compatible
-
     cfg = config or TrainConfig()
     validate_name(domain, "domain name")
     name = cfg.name or domain
@@ -576,14 +599,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         parallel.check_batch_size(cfg.batch_size)
     main = parallel is None or parallel.is_main
 
-    warm = None
-    if cfg.from_ref is not None:
-        warm_info, warm_path = registry.artifact_path(cfg.from_ref)
-        if cfg.method is not None and cfg.method != warm_info.kind:
-            raise BadInputError(f"{warm_info.ref} is a {warm_info.kind} adapter; warm-start it with "
-                                f"--method {warm_info.kind} (or leave --method out)")
-        warm = (warm_info, warm_path)
-    kind = warm[0].kind if warm else (cfg.method or "lora")
+    kind, warm = explicit_start(registry, cfg)
     method = get_method(kind)
     for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
         if (v.kind, v.domain) != (kind, domain):
@@ -592,22 +608,11 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     dtype = resolve_dtype(cfg.dtype)
     lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
 
-    if warm:
-        if cfg.rank is not None or cfg.method_options:
-            raise BadInputError(f"a warm start keeps the shape of {warm[0].ref}; leave out --rank and --option "
-                                f"(or train a fresh adapter without --from)")
-        settings = method.read_config(warm[1])
-    else:
-        options = dict(cfg.method_options)
-        if cfg.rank is not None:
-            options.setdefault("bottleneck_size" if kind == "bottleneck" else "r", cfg.rank)
-        settings = method.make_config(**options)
+    settings = method.read_config(warm[1]) if warm else method.make_config(**given_options(cfg, kind))
 
     dd = data if isinstance(data, DomainData) else load_domain_data(data, eval_data, cfg.eval_fraction)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
     loaded = method.load_base(base, settings, compute_dtype=compute)
-    if warm:
-        check_compatible(warm[0].base_fingerprint, loaded.fingerprint, f"adapter {warm[0].ref}")
     tok = loaded.tokenizer
     train_ex = tokenize_rows(dd.train, tok, cfg.max_length)
     eval_ex = tokenize_rows(dd.eval, tok, cfg.max_length)
@@ -616,17 +621,19 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
-    run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base)}
+    found, state = _checkpoint_to_resume(ckpt) if cfg.resume else (None, None)
+    choice, warm = start_from(registry, cfg, method, loaded, train_ex, warm, state, total_steps=total, pad_id=pad_id,
+                              dtype=dtype, batch_size=eval_bs)
+    settings = method.read_config(warm[1]) if warm else settings
+    _say(choice.describe(), cfg.progress and main)
+    run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base),
+               "init_choice": choice.to_dict()}
     run_key = json.loads(json.dumps(run_key, default=str))
     start, prior_losses, prior_tokens, prior_seconds = 0, [], 0, 0.0
     base_params = _base_state(loaded.model)
 
     torch.manual_seed(cfg.seed)
     if cfg.resume:
-        found = latest_checkpoint(ckpt)  # the newest complete one: a crash mid-replacement leaves one
-        if found is None:
-            raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
-        state = read_checkpoint_state(found)
         if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
                 or state["base_fingerprint"] != loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
@@ -666,7 +673,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     all_losses = prior_losses + losses
     tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
     metrics = {"train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
-               "trainable_params": float(trainable_params)}
+               "trainable_params": float(trainable_params), **choice.metrics()}
     if cfg.evaluate:
         after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
         # the base's loss on the same split, through the same code path (adapter switched off),
@@ -682,7 +689,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         "method": kind, "adapter": asdict(settings), "base": str(base), "base_quantized": loaded.quantized,
         "dtype": dtype, "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
-        "warm_start": warm[0].ref if warm else None, "processes": parallel.world_size if parallel else 1,
+        "warm_start": warm[0].ref if warm else None, **choice.record(), "processes": parallel.world_size if parallel else 1,
         "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
                  "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
     parents = [(warm[0].ref, "warm-start")] if warm else []
@@ -711,4 +718,4 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     if parallel is not None:
         parallel.barrier()
     model.eval()
-    return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model)
+    return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model, choice)

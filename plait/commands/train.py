@@ -59,7 +59,13 @@ def train(
     rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (bottleneck: bottleneck size).")] = None,
     dtype: Annotated[DtypeName, typer.Option("--dtype", help="auto = bf16 where the hardware is fast at it.")]
         = DtypeName.auto,
-    from_ref: Annotated[str | None, typer.Option("--from", help="Warm-start from this version (NAME[:N|@ALIAS]).")]
+    init: Annotated[str | None, typer.Option(
+        "--init", show_default="auto",
+        help="Where the adapter starts: auto = from the registered version (of any real domain, a kind that can "
+             "seed this one) with the lowest loss on a sample of the training rows, if it beats the base there, "
+             "else fresh; base = fresh; or a version NAME[:N|@ALIAS].")] = None,
+    from_ref: Annotated[str | None, typer.Option(
+        "--from", help="Warm-start from this version (NAME[:N|@ALIAS]); the same as --init NAME[:N|@ALIAS].")]
         = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of init, data order and dropout.")] = 0,
@@ -81,7 +87,8 @@ def train(
     ws = open_workspace(workspace)
     config = TrainConfig(
         method=method.value if method else None, name=name, steps=steps, epochs=epochs, batch_size=batch_size,
-        max_length=max_length, lr=lr, rank=rank, dtype=dtype.value, from_ref=from_ref, resume=resume, seed=seed,
+        max_length=max_length, lr=lr, rank=rank, dtype=dtype.value, from_ref=from_ref,
+        init=init if init is not None or from_ref is not None else "auto", resume=resume, seed=seed,
         method_options=_options(option or []), progress=not json_)
     added = add_domain(ws, domain, data, eval_, config, audit=audit,
                        audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")})
@@ -95,6 +102,7 @@ def train(
     c.print(f"[bold green]registered {v.ref}[/bold green]  ({v.kind}, domain {v.domain}, {result.steps} steps)")
     parent = v.parents[0] if v.parents else {}
     rows = [("sha256", short(v.sha256, 16)), ("parent", parent.get("ref") or f"base {short(parent.get('base'), 19)}"),
+            ("init", result.init.describe().removeprefix("init ") if result.init else "-"),
             ("train loss", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}"),
             ("eval loss", f"{m['eval_loss']:.4f}  (base {m['base_eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f})"),
             ("speed", f"{m['train_tokens_per_s']:.0f} tokens/s"), ("peak RSS", f"{m['peak_rss_mb']:.0f} MB"),

@@ -44,6 +44,11 @@ class Method:
                                 f"their options are: {', '.join(sorted(known))}")
         return self.config_cls(**options)
 
+    @property
+    def seeds_from(self) -> tuple[str, ...]:
+        """The kinds whose stored weights can initialise this kind (its module's SEEDS_FROM; default itself)."""
+        return tuple(getattr(self.module, "SEEDS_FROM", (self.name,)))
+
     def attach(self, model, config):
         return self.module.attach(model, config)
 

@@ -29,6 +29,8 @@ ADAPTER_NAME = "default"
 #: default targets by architecture style: attention and MLP projections
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
+#: kinds whose artifacts can initialise a LoRA adapter (a warm start): QLoRA's are the same PEFT layout
+SEEDS_FROM = ("lora", "qlora")
 
 
 @dataclass

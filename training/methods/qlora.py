@@ -28,6 +28,9 @@ from registry.errors import BadInputError
 from training.methods import lora, register_method
 from training.methods.lora import LoraSettings
 
+#: kinds whose artifacts can initialise a QLoRA adapter (a warm start): LoRA's are the same PEFT layout
+SEEDS_FROM = ("qlora", "lora")
+
 
 @dataclass
 class QLoraSettings(LoraSettings):

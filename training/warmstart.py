@@ -1,0 +1,293 @@
+"""Forward transfer: where a new adapter starts (`plait train --init auto|base|REF`).
+
+A new domain rarely arrives with nothing in common with the ones before it, and sequential
+fine-tuning profits from that for free: it starts every domain from everything learned so
+far. plait keeps every adapter apart (that is how it forgets nothing), so it gets this
+forward transfer another way: a new adapter may start from the weights of an earlier,
+registered version (lineage edge `warm-start`), which stays untouched in the store.
+
+    base      a fresh adapter (the kind's own initialisation, seeded)
+    REF       the weights of one registered version (`--from REF` is the same)
+    auto      score the candidates and the base on a sample of the new domain's training
+              rows; start from the candidate with the lowest loss per token when it beats
+              the base on that sample, else fresh
+
+The candidates of `auto` are the newest ready version of every adapter of a real domain
+whose weights can initialise the new kind (each kind names the kinds it can start from in
+its module's `SEEDS_FROM`, read through `Method.seeds_from`: LoRA and QLoRA share the PEFT
+layout and seed each other, a bottleneck starts from a bottleneck), trained on the same
+base. Never a baseline (domain `plait-baselines`), an archived or an imported version (an
+import is someone else's adapter: plait has no record of what it learned). The domain's own
+newest version is a candidate too, so a retrain starts from it when it still fits. When
+`--rank` or `--option` are given, only candidates whose stored settings equal every given
+value are scored (a warm start keeps its source's shape).
+
+The scoring pass is bounded by the training it serves: it may cost at most `SCORE_SHARE`
+(10%) of the training's compute. A no-grad forward costs about a third of a training step
+per token (`FORWARD_COST`), so each of the n + 1 passes (n candidates and the base) scores a
+seeded sample of the training examples of at most 0.3 x (training tokens) / (n + 1) tokens,
+and no more than `MAX_CANDIDATES` candidates (the newest) are scored. The base is loaded
+once; each candidate is put on it, scored and taken off again (`_take_off`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import BadInputError
+from registry.names import parse_ref
+
+AUTO, BASE = "auto", "base"
+#: the domain of the audit's baselines (`plait.audit.BASELINE_DOMAIN`; training may not import plait)
+BASELINE_DOMAIN = "plait-baselines"
+#: the most candidates one `auto` pass scores (the newest versions first)
+MAX_CANDIDATES = 8
+#: the share of the training's compute the scoring pass may cost
+SCORE_SHARE = 0.1
+#: the cost of a token in a no-grad forward, relative to a token of a training step
+FORWARD_COST = 1 / 3
+#: the most tokens one pass scores, however long the training (more only makes it slower)
+MAX_SAMPLE_TOKENS = 4096
+
+
+@dataclass
+class InitChoice:
+    """Where a new adapter started, and why."""
+
+    init: str
+    """the setting: auto, base, or the reference given"""
+    ref: str | None = None
+    """the version whose weights it started from (NAME:N); None = a fresh adapter"""
+    losses: dict[str, float] = field(default_factory=dict)
+    """auto: the sample loss per token of each scored version and of the base (key `base`)"""
+    sample_tokens: int = 0
+    """auto: labelled tokens in the sample each candidate was scored on"""
+    seconds: float = 0.0
+    """auto: wall time of the whole choice (finding, verifying, loading and scoring candidates)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InitChoice:
+        return cls(**d)
+
+    def record(self) -> dict[str, Any]:
+        """What the version's config keeps: the setting, and for auto the scores and the time spent."""
+        if self.init != AUTO:
+            return {"init": self.init}
+        return {"init": AUTO, "init_candidates": self.losses, "init_sample_tokens": self.sample_tokens,
+                "init_seconds": self.seconds}
+
+    def metrics(self) -> dict[str, float]:
+        """The version's metrics of the choice (auto only): `init_seconds`."""
+        return {"init_seconds": self.seconds} if self.init == AUTO else {}
+
+    def describe(self) -> str:
+        """One line for the progress output, e.g. `init auto: warm start from law:2 (3.412 < base 3.980; 2 candidates, 0.8 s)`."""
+        if self.init != AUTO:
+            return f"init {self.init}: " + (f"warm start from {self.ref}" if self.ref else "fresh adapter")
+        base = self.losses.get(BASE)
+        n = max(len(self.losses) - 1, 0)
+        if self.ref is None:
+            why = "no candidate" if n == 0 else f"none of {n} candidate(s) beats base {base:.3f}"
+            return f"init auto: fresh adapter ({why}; {self.seconds:.1f} s)"
+        return (f"init auto: warm start from {self.ref} ({self.losses[self.ref]:.3f} < base {base:.3f} on "
+                f"{self.sample_tokens} sample tokens; {n} candidate(s), {self.seconds:.1f} s)")
+
+
+def check_init(init: str | None, from_ref: str | None) -> str:
+    """The effective `--init` of a run: auto, base, or a reference (then equal to `from_ref`).
+
+    Raises:
+        BadInputError: `init` is not auto, base or a valid reference, or disagrees with `from_ref`.
+    """
+    if init is not None and init not in (AUTO, BASE):
+        try:
+            parse_ref(init)
+        except BadInputError as e:
+            raise BadInputError(f"--init {init!r} is invalid: use auto, base or a version NAME[:N|@ALIAS] ({e})") \
+                from None
+    if from_ref is not None:
+        parse_ref(from_ref)
+        if init is not None and init != from_ref:
+            raise BadInputError(f"--init {init} and --from {from_ref} disagree: --from REF means --init REF; "
+                                f"give one of them")
+        return from_ref
+    return init or BASE
+
+
+def given_options(cfg, kind: str) -> dict[str, Any]:
+    """The kind options the user set, `--rank` included under the kind's own name."""
+    options = dict(cfg.method_options)
+    if cfg.rank is not None:
+        options.setdefault("bottleneck_size" if kind == "bottleneck" else "r", cfg.rank)
+    return options
+
+
+def explicit_start(registry, cfg) -> tuple[str, tuple[Any, Path] | None]:
+    """The new adapter's kind and, for `--init REF` / `--from REF`, the version it starts from.
+
+    Returns:
+        (kind, (VersionInfo, verified folder) or None)
+
+    Raises:
+        NotFoundError: no such version.
+        BadInputError: the version's kind cannot initialise the kind asked for, or --rank/--option are given.
+    """
+    from training.methods import get_method
+
+    if cfg.from_ref is None:
+        return cfg.method or "lora", None
+    info, path = registry.artifact_path(cfg.from_ref)
+    kind = cfg.method or info.kind
+    if info.kind not in get_method(kind).seeds_from:
+        raise BadInputError(f"{info.ref} is a {info.kind} adapter; warm-start it with --method {info.kind} "
+                            f"(or leave --method out)")
+    if cfg.rank is not None or cfg.method_options:
+        raise BadInputError(f"a warm start keeps the shape of {info.ref}; leave out --rank and --option "
+                            f"(or train a fresh adapter without --from)")
+    return kind, (info, path)
+
+
+def start_from(registry, cfg, method, loaded, examples: list, warm: tuple[Any, Path] | None,
+               resumed: dict | None, **score: Any) -> tuple[InitChoice, tuple[Any, Path] | None]:
+    """The start of a run: a resumed run's recorded choice, the version given, fresh, or auto's pick.
+
+    Args:
+        warm: what `explicit_start` returned.
+        resumed: the state of the checkpoint being resumed (its run key holds the choice), or None.
+        score: `choose_init`'s keyword arguments (total_steps, pad_id, dtype, batch_size).
+
+    Returns:
+        (the choice, (VersionInfo, verified folder) of the version to load, or None for a fresh adapter)
+
+    Raises:
+        IncompatibleBaseError: the version was trained on another base.
+    """
+    from training.base import check_compatible
+
+    record = ((resumed or {}).get("run_key") or {}).get("init_choice")
+    if record is not None:  # --resume keeps the interrupted run's choice; nothing is scored again
+        choice = InitChoice.from_dict(record)
+    elif warm is not None:
+        choice = InitChoice(cfg.init, warm[0].ref)
+    elif cfg.init == BASE:
+        choice = InitChoice(BASE)
+    else:
+        choice = choose_init(registry, cfg, method, loaded, examples, **score)
+    if choice.ref is None:
+        return choice, None
+    if warm is None or warm[0].ref != choice.ref:
+        warm = registry.artifact_path(choice.ref)
+    check_compatible(warm[0].base_fingerprint, loaded.fingerprint, f"adapter {warm[0].ref}")
+    return choice, warm
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return sorted(a) == sorted(b)
+    return a == b
+
+
+def find_candidates(registry, method, fingerprint: str, given: dict[str, Any]) -> list[tuple[Any, Path]]:
+    """The versions `auto` scores: (VersionInfo, verified artifact folder), newest first.
+
+    Args:
+        registry: a `registry.client.Registry`.
+        method: the new adapter's kind (`training.methods.Method`).
+        fingerprint: the loaded base's fingerprint (candidates must be trained on it).
+        given: the kind options the user set (rank included); a candidate must match them all.
+    """
+    newest: dict[str, Any] = {}
+    for v in registry.search_versions(base=fingerprint):  # ready versions only, by name then version
+        newest[v.name] = v
+    wanted = method.make_config(**given) if given else None
+    found = []
+    for v in sorted(newest.values(), key=lambda v: v.id, reverse=True):
+        if v.kind not in method.seeds_from or v.domain == BASELINE_DOMAIN or v.base_fingerprint != fingerprint \
+                or any(p.get("relation") == "import" for p in v.parents):
+            continue
+        info, path = registry.artifact_path(v)
+        if wanted is not None:
+            stored = method.read_config(path)
+            if not all(_same(getattr(stored, k), getattr(wanted, k)) for k in given):
+                continue
+        found.append((info, path))
+        if len(found) == MAX_CANDIDATES:
+            break
+    return found
+
+
+def sample_examples(examples: list, n_passes: int, train_tokens: int, seed: int) -> list:
+    """A seeded sample of `examples` within the scoring budget of one of `n_passes` passes (at least one)."""
+    budget = min(MAX_SAMPLE_TOKENS, SCORE_SHARE / FORWARD_COST * train_tokens / max(n_passes, 1))
+    order = random.Random(f"plait-init-{seed}").sample(range(len(examples)), len(examples))
+    picked, tokens = [], 0
+    for i in order:
+        n = len(examples[i].input_ids)
+        if picked and tokens + n > budget:
+            break
+        picked.append(examples[i])
+        tokens += n
+    return picked
+
+
+def _take_off(model):
+    """The bare base under a scoring adapter: peft's `unload`, or the bottleneck wrapper's `remove`."""
+    for verb in ("remove", "unload"):
+        fn = getattr(model, verb, None)
+        if callable(fn):
+            return fn()
+    raise TypeError(f"cannot take the adapter off a {type(model).__name__}")
+
+
+def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sample: list, *, pad_id: int,
+                     dtype: str, batch_size: int) -> tuple[dict[str, float], int]:
+    """Loss per token on `sample` of the base and of each candidate, put one at a time on the same base.
+
+    Returns:
+        ({"base": loss, ref: loss, ...}, labelled tokens in the sample)
+    """
+    import torch
+
+    from training.trainer import evaluate
+
+    kw = dict(pad_id=pad_id, batch_size=batch_size, dtype=dtype, method=method)
+    base = evaluate(base_model, sample, **kw)
+    losses = {BASE: base["loss"]}
+    with torch.random.fork_rng(devices=[]):  # loading draws init values; the fresh adapter's seed stays as it was
+        for info, path in candidates:
+            scored = method.load(base_model, path)
+            try:
+                losses[info.ref] = evaluate(scored, sample, **kw)["loss"]
+            finally:
+                _take_off(scored)
+    return losses, int(base["tokens"])
+
+
+def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: int, pad_id: int, dtype: str,
+                batch_size: int) -> InitChoice:
+    """Run `auto`: find the candidates, score them and the base, pick the start.
+
+    Args:
+        cfg: the run's `training.trainer.TrainConfig` (its rank, options and seed are used).
+        loaded: the loaded base (`training.base.LoadedBase`), with no adapter on it.
+        examples: the new domain's tokenized training examples.
+        total_steps: the run's optimizer steps (with `cfg.batch_size`, the scoring budget).
+    """
+    t0 = time.perf_counter()
+    candidates = find_candidates(registry, method, loaded.fingerprint, given_options(cfg, method.name))
+    if not candidates:
+        return InitChoice(AUTO, None, {}, 0, time.perf_counter() - t0)
+    mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
+    sample = sample_examples(examples, len(candidates) + 1, int(total_steps * cfg.batch_size * mean_tokens), cfg.seed)
+    losses, tokens = score_candidates(loaded.model, method, candidates, sample, pad_id=pad_id, dtype=dtype,
+                              batch_size=batch_size)
+    best = min((ref for ref in losses if ref != BASE), key=lambda r: losses[r])
+    chosen = best if losses[best] < losses[BASE] else None
+    return InitChoice(AUTO, chosen, losses, tokens, time.perf_counter() - t0)
