@@ -91,28 +91,44 @@ class _Routes:
                     return event
             raise RuntimeError("the batcher closed a request without an answer")
 
-        consumer = asyncio.ensure_future(consume())
+        answered, done = await self.unless_gone(consume(), ticket, request)
+        if not answered:
+            return Response(status_code=499)  # nobody reads it
+        return _json_answer(kind, ticket, served, done)
+
+    async def unless_gone(self, awaitable, ticket: Ticket, request) -> tuple[bool, Any]:
+        """Await `awaitable` unless the client disconnects first, which cancels `ticket`.
+
+        Returns:
+            (True, its result), or (False, None) when the client went away.
+
+        Raises:
+            APIError: what `awaitable` raised, as an OpenAI error.
+        """
+        task = asyncio.ensure_future(awaitable)
         watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not consumer.done():
-                return Response(status_code=499)  # nobody reads it; `finally` cancels the request
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                return False, None
             try:
-                done = consumer.result()
+                return True, task.result()
             except Exception as e:  # noqa: BLE001 - answered as an OpenAI error
                 raise self.error(e, request) from None
-            return _json_answer(kind, ticket, served, done)
         finally:
             watcher.cancel()
-            if not consumer.done():  # disconnect, or this handler itself was cancelled
-                consumer.cancel()
+            if not task.done():  # the client went away, or this handler itself was cancelled
+                task.cancel()
                 self.cancel(ticket, request)
 
     # ------------------------------------------------------------------ server-sent events
     async def stream(self, kind: str, ticket: Ticket, request):
-        from fastapi.responses import StreamingResponse
+        from starlette.responses import Response, StreamingResponse
 
-        first = await ticket.next_event()  # an unknown adapter fails here, before the stream starts
+        # an unknown adapter fails here, before the stream starts; so does a client gone while queued
+        answered, first = await self.unless_gone(ticket.next_event(), ticket, request)
+        if not answered:
+            return Response(status_code=499)
         if isinstance(first, Failed):
             raise self.error(first.error, request)
         chunk = _chunker(kind, ticket)
