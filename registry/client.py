@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from registry import db
-from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError, StaleRouterError
 from registry.hashing import read_safetensors_header
 from registry.models import (Adapter, AdapterVersion, Alias, AliasEvent, Audit, Domain, Lineage, Metric,
                              RouterVersion, utcnow)
@@ -761,8 +761,19 @@ class Registry:
 
     # ----------------------------------------------------------------- routers
     def register_router(self, name: str, *, kind: str, files: dict[str, Path | bytes], covers: Iterable[str],
-                        metrics: dict[str, Any] | None = None) -> RouterInfo:
-        """Store a fitted router bound to the adapter versions it covers (exact refs)."""
+                        metrics: dict[str, Any] | None = None, parent_version: int | None = None) -> RouterInfo:
+        """Store a fitted router bound to the adapter versions it covers (exact refs).
+
+        Args:
+            parent_version: the version of router `name` this one was built from (0: built from
+                nothing). The write transaction checks that it is still the newest, so of two writers
+                that both loaded version N only one registers N + 1; the other is told to rebuild on
+                N + 1 instead of silently dropping its change (compare-and-swap). None skips the check.
+
+        Raises:
+            StaleRouterError: `parent_version` is no longer the newest version; reload and retry
+                (`plait.continual.change_router` does).
+        """
         validate_name(name, "router name")
         validate_name(kind, "router kind")
         covers = list(covers)
@@ -773,8 +784,16 @@ class Registry:
 
         def tx():
             with self._session(write=True) as s:
-                top = s.exec(select(func.max(RouterVersion.version)).where(RouterVersion.name == name)).one()
-                row = RouterVersion(name=name, version=(top or 0) + 1, kind=kind, sha256=stored.sha256,
+                # SQLite: the write lock is held from BEGIN IMMEDIATE, so this read is the newest;
+                # PostgreSQL: two writers that read the same top collide on uq_router_version, the
+                # loser retries (`_with_write_retries`) and reads the winner's version here
+                top = s.exec(select(func.max(RouterVersion.version)).where(RouterVersion.name == name)).one() or 0
+                if parent_version is not None and top != parent_version:
+                    raise StaleRouterError(
+                        f"router {name!r} is at version {top}, not {parent_version} as when this change was built "
+                        f"(another writer registered one in between); reload the newest version and apply the "
+                        f"change again")
+                row = RouterVersion(name=name, version=top + 1, kind=kind, sha256=stored.sha256,
                                     size_bytes=stored.size_bytes, location=stored.location,
                                     covers_json=json.dumps(covers), metrics_json=json.dumps(metrics or {}))
                 s.add(row)
