@@ -172,7 +172,8 @@ class Registry:
         if self._tracking is None and self.tracking_uri:
             from registry.tracking import Tracking
 
-            self._tracking = Tracking(self.tracking_uri)
+            # run artifacts beside the artifact store (in a workspace: <workspace>/mlartifacts), like checkpoints
+            self._tracking = Tracking(self.tracking_uri, artifact_root=self.store.root.parent / "mlartifacts")
         return self._tracking
 
     def close(self) -> None:
@@ -335,6 +336,7 @@ class Registry:
         mlflow_run_id: str | None = None,
         metrics: dict[str, float] | None = None,
         description: str = "",
+        mirror: bool = True,
     ) -> VersionInfo:
         """Store an artifact and register it as the next version of adapter `name`.
 
@@ -345,6 +347,7 @@ class Registry:
             parents: (ref, relation[, weight]) edges to earlier versions (warm-start, merge).
                 Without parents the version gets one edge to its base (`base_relation`).
             metrics: name -> value, recorded with eval_domain = the adapter's domain.
+            mirror: mirror the version into MLflow now (the trainer mirrors it once its run is logged).
 
         Returns:
             the new version. Its number is unique per adapter, even under concurrent writers.
@@ -403,7 +406,8 @@ class Registry:
 
         info = _with_write_retries(tx)
         _fault("registry.after_commit")
-        self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+        if mirror:
+            self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
         return info
 
     def get_version(self, ref: str) -> VersionInfo:
@@ -874,12 +878,48 @@ class Registry:
                                    for r in rows]
         return out
 
+    def set_mlflow_run(self, ref: str, run_id: str) -> VersionInfo:
+        """Record the MLflow run a version was trained in, then mirror the version (linked to it)."""
+        def tx():
+            with self._session(write=True) as s:
+                adapter, row = self._resolve_row(s, ref)
+                row.mlflow_run_id = run_id
+                s.add(row)
+                s.flush()
+                return self._info(s, adapter, row)
+
+        info = _with_write_retries(tx)
+        self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+        return info
+
     def sync_mlflow(self) -> int:
-        """Mirror every ready version and alias into MLflow (idempotent); returns versions seen."""
+        """Bring MLflow level with the registry (idempotent); returns the versions seen.
+
+        Every ready version and alias is mirrored. A trained version whose run never reached
+        MLflow (its tracking failed after it was registered) gets a run rebuilt from what the
+        registry holds: its config as params, its metrics, its artifact; the per-step loss
+        history lived only in the lost run and is absent (the run is tagged `plait.restored`).
+        """
+        from registry.tracking import TRAIN_EXPERIMENT
+
         if not self.tracking_uri:
             raise BadInputError("this workspace has no MLflow tracking URI; set tracking_uri in plait.toml")
         versions = self.search_versions()
         for info in versions:
+            trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
+            if info.mlflow_run_id is None and trained and "steps" in info.config:
+                metrics = {m["name"]: m["value"] for m in self.get_metrics(info.ref)
+                           if m["audit_id"] is None and m["eval_domain"] == info.domain}
+                params = {"domain": info.domain, "name": info.name, "base_fingerprint": info.base_fingerprint,
+                          "data_fingerprint": info.data_fingerprint,
+                          **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in info.config.items()}}
+                _, path = self.artifact_path(info)
+                with self.tracking.run(TRAIN_EXPERIMENT, f"{info.name}-{info.domain}", params,
+                                       tags={"plait.domain": info.domain, "plait.kind": info.kind,
+                                             "plait.restored": "sync-mlflow"}) as run:
+                    run.log_metrics(metrics, step=int(info.config["steps"]))
+                    run.log_artifacts(path, "adapter")
+                info = self.set_mlflow_run(info.ref, run.run_id)
             self.tracking.mirror_version(info, self.store.path(info.location))
             for alias in info.aliases:
                 self.tracking.mirror_alias(info.name, alias, info.version)
