@@ -900,30 +900,34 @@ class Registry:
         registry holds: its config as params, its metrics, its artifact; the per-step loss
         history lived only in the lost run and is absent (the run is tagged `plait.restored`).
         """
-        from registry.tracking import TRAIN_EXPERIMENT
-
         if not self.tracking_uri:
             raise BadInputError("this workspace has no MLflow tracking URI; set tracking_uri in plait.toml")
         versions = self.search_versions()
         for info in versions:
             trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
             if info.mlflow_run_id is None and trained and "steps" in info.config:
-                metrics = {m["name"]: m["value"] for m in self.get_metrics(info.ref)
-                           if m["audit_id"] is None and m["eval_domain"] == info.domain}
-                params = {"domain": info.domain, "name": info.name, "base_fingerprint": info.base_fingerprint,
-                          "data_fingerprint": info.data_fingerprint,
-                          **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in info.config.items()}}
-                _, path = self.artifact_path(info)
-                with self.tracking.run(TRAIN_EXPERIMENT, f"{info.name}-{info.domain}", params,
-                                       tags={"plait.domain": info.domain, "plait.kind": info.kind,
-                                             "plait.restored": "sync-mlflow"}) as run:
-                    run.log_metrics(metrics, step=int(info.config["steps"]))
-                    run.log_artifacts(path, "adapter")
-                info = self.set_mlflow_run(info.ref, run.run_id)
+                info = self._restore_run(info)
             self.tracking.mirror_version(info, self.store.path(info.location))
             for alias in info.aliases:
                 self.tracking.mirror_alias(info.name, alias, info.version)
         return len(versions)
+
+    def _restore_run(self, info: VersionInfo) -> VersionInfo:
+        """Log a trained version's run from what the registry holds, and link the version to it."""
+        from registry.tracking import TRAIN_EXPERIMENT
+
+        metrics = {m["name"]: m["value"] for m in self.get_metrics(info.ref)
+                   if m["audit_id"] is None and m["eval_domain"] == info.domain}
+        params = {"domain": info.domain, "name": info.name, "base_fingerprint": info.base_fingerprint,
+                  "data_fingerprint": info.data_fingerprint,
+                  **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in info.config.items()}}
+        _, path = self.artifact_path(info)  # hash-checked: the run gets the registered bytes
+        with self.tracking.run(TRAIN_EXPERIMENT, f"{info.name}-{info.domain}", params,
+                               tags={"plait.domain": info.domain, "plait.kind": info.kind,
+                                     "plait.restored": "sync-mlflow"}) as run:
+            run.log_metrics(metrics, step=int(info.config["steps"]))
+            run.log_artifacts(path, "adapter")
+        return self.set_mlflow_run(info.ref, run.run_id)
 
     def _mirror(self, fn) -> None:
         """Mirror into MLflow; the registry stays the system of record, so failures only warn."""

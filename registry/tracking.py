@@ -68,8 +68,8 @@ class Tracking:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = uri
-        self.artifact_root = None if uri.startswith(_SERVER_SCHEMES) or artifact_root is None else Path(artifact_root)
         self.is_server = uri.startswith(_SERVER_SCHEMES)
+        self.artifact_root = Path(artifact_root) if artifact_root is not None and not self.is_server else None
         with _store_lock(uri):  # the client creates or migrates the schema as it opens the store
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             if not self.is_server:
