@@ -10,12 +10,15 @@ held-out routing accuracy and confusion matrix.
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from plait.datasets import CONTROL_TEXTS
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, NotFoundError, StaleRouterError
 
 #: how many training texts of a domain the router learns from (prototypes and word counts have a
 #: fixed size whatever the number; the embedding router's kNN bank keeps one vector per text)
@@ -69,35 +72,81 @@ def update_router(ws, domain: str, train_texts: list[str], ref: str, *, kind: st
 
     The other domains' router state is loaded as stored and left as it is; the threshold is
     calibrated again over every domain's frozen eval set and the calibration control texts.
+    Concurrent jobs each adding a domain all land (`change_router`).
 
     Returns:
         the new router version (`registry.client.RouterInfo`).
+    """
+    reg = ws.registry
+    kind = kind or ws.router_kind
+
+    def apply(router) -> None:  # runs again on the newest router when another writer registered first
+        if domain in router.domains:  # a new version of a known domain: same routing state, new target
+            router.set_ref(domain, ref)
+        else:
+            info, path = reg.artifact_path(ref)
+            data = {"perplexity": ref, "arrow": path}.get(kind, train_texts[:ROUTER_TEXTS_PER_DOMAIN])
+            if kind == "perplexity":
+                engine.add_adapter(ref, path, kind=info.kind, fingerprint=info.base_fingerprint) \
+                    if ref not in engine.adapters else None
+            router.add_domain(domain, data, ref=ref)
+
+    return change_router(ws, apply, kind=kind, engine=engine)
+
+
+# ----------------------------------------------------------------------------- router compare-and-swap
+#: how many times a router change is rebuilt on a newer version before giving up; each lost race
+#: means another writer's change landed, so N concurrent writers need at most N - 1 retries
+ROUTER_CHANGE_ATTEMPTS = 16
+
+
+def change_router(ws, apply: Callable[[Any], None], *, kind: str | None = None, engine=None) -> Any:
+    """Apply one change to the newest router and register it against the version it was built from.
+
+    `apply(router)` edits a loaded router in place (add a domain, point a domain at another
+    version). The registry refuses the new version when another writer registered one since
+    the load (`StaleRouterError`, checked inside its write transaction); then the newest version
+    is loaded again and `apply` runs again on it, so concurrent changes (independent `plait
+    train` jobs) all land and no version drops a domain its parent covers. After `apply` the
+    threshold is calibrated again over every domain's frozen eval set and the calibration
+    control texts.
+
+    Args:
+        ws: the `plait.Workspace`.
+        apply: the change; it must be safe to run again on a fresh router.
+        kind: the router kind (default: the workspace's).
+        engine: the loaded base, for the routers that score with it (perplexity, arrow).
+
+    Returns:
+        the new router version (`registry.client.RouterInfo`).
+
+    Raises:
+        StaleRouterError: other writers got in first `ROUTER_CHANGE_ATTEMPTS` times in a row.
     """
     from routing.routers import get_router_class, load_router, read_files
 
     reg = ws.registry
     kind = kind or ws.router_kind
     runtime = router_runtime(kind, engine)
-    try:
-        current = reg.get_router(kind)
-        router = load_router(read_files(reg.router_path(current)), **runtime)
-    except NotFoundError:
-        router = get_router_class(kind)(**runtime)
-    if domain in router.domains:  # a new version of a known domain: same routing state, new target
-        router.set_ref(domain, ref)
-    else:
-        info, path = reg.artifact_path(ref)
-        data = {"perplexity": ref, "arrow": path}.get(kind, train_texts[:ROUTER_TEXTS_PER_DOMAIN])
-        if kind == "perplexity":
-            engine.add_adapter(ref, path, kind=info.kind, fingerprint=info.base_fingerprint) \
-                if ref not in engine.adapters else None
-        router.add_domain(domain, data, ref=ref)
-    heldout = {d: [row_input(r) for r in reg.get_domain_eval(d)] for d in router.domains}
-    calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
-    evaluation = router.evaluate(heldout)
-    metrics = {"calibration": calibration.to_dict(), "heldout": evaluation}
-    return reg.register_router(kind, kind=kind, files=router.to_files(),
-                               covers=[router.refs[d] for d in router.domains], metrics=metrics)
+    for attempt in range(1, ROUTER_CHANGE_ATTEMPTS + 1):
+        try:
+            current = reg.get_router(kind)
+            router, parent = load_router(read_files(reg.router_path(current)), **runtime), current.version
+        except NotFoundError:
+            router, parent = get_router_class(kind)(**runtime), 0
+        apply(router)
+        heldout = {d: [row_input(r) for r in reg.get_domain_eval(d)] for d in router.domains}
+        calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
+        metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout)}
+        try:
+            return reg.register_router(kind, kind=kind, files=router.to_files(),
+                                       covers=[router.refs[d] for d in router.domains], metrics=metrics,
+                                       parent_version=parent)
+        except StaleRouterError:
+            if attempt == ROUTER_CHANGE_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0, 0.02 * attempt))  # let the writers that collided spread out
+    raise AssertionError("unreachable")
 
 
 def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None = None, config=None, *,

@@ -3,8 +3,10 @@
     .plait/
       plait.toml      base model, database URL, MLflow tracking URI
       registry.db     the registry (SQLite, WAL) unless db_url points elsewhere
-      mlflow.db       MLflow runs and the mirrored model registry
+      mlflow.db       MLflow runs and the mirrored model registry (created by `init`)
+      mlartifacts/    MLflow's run artifacts (adapters and audit reports logged to runs)
       artifacts/      the content-addressed artifact store
+      checkpoints/    in-progress training checkpoints, one slot per adapter name
 
 `Workspace` is the Python entry point of plait; the CLI is a thin layer over it.
 """
@@ -100,6 +102,7 @@ class Workspace:
                 raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
                                     f"edit {cfg_file} or choose another --workspace")
             existing.registry  # noqa: B018 - a damaged database is reported now, not "ready"
+            existing._create_tracking_store()
             return existing
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
@@ -112,7 +115,26 @@ class Workspace:
         except BaseException:
             cfg_file.unlink()  # a bad --db leaves no half-made workspace behind to trip the next command
             raise
+        ws._create_tracking_store()
         return ws
+
+    def _create_tracking_store(self) -> None:
+        """Create MLflow's schema and plait's experiments (artifacts under `mlartifacts/`) now.
+
+        MLflow migrates a fresh database in whichever process opens it first, with no lock of
+        its own; done here, parallel `plait train` jobs later find it ready. MLflow only
+        mirrors the registry, so a failure here warns and `plait registry sync-mlflow` retries.
+        """
+        if not self.tracking_uri:
+            return
+        try:
+            self.registry.tracking.create_store()
+        except Exception as e:  # noqa: BLE001 - a mirror; the workspace itself is ready
+            import warnings
+
+            warnings.warn(f"could not prepare the MLflow store {self.tracking_uri} ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); plait works without it, and "
+                          f"`plait registry sync-mlflow` mirrors everything once it is reachable", stacklevel=3)
 
     # ----------------------------------------------------------------- settings
     @property

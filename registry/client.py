@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from registry import db
-from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError
+from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError, StaleRouterError
 from registry.hashing import read_safetensors_header
 from registry.models import (Adapter, AdapterVersion, Alias, AliasEvent, Audit, Domain, Lineage, Metric,
                              RouterVersion, utcnow)
@@ -172,7 +172,8 @@ class Registry:
         if self._tracking is None and self.tracking_uri:
             from registry.tracking import Tracking
 
-            self._tracking = Tracking(self.tracking_uri)
+            # run artifacts beside the artifact store (in a workspace: <workspace>/mlartifacts), like checkpoints
+            self._tracking = Tracking(self.tracking_uri, artifact_root=self.store.root.parent / "mlartifacts")
         return self._tracking
 
     def close(self) -> None:
@@ -335,6 +336,7 @@ class Registry:
         mlflow_run_id: str | None = None,
         metrics: dict[str, float] | None = None,
         description: str = "",
+        mirror: bool = True,
     ) -> VersionInfo:
         """Store an artifact and register it as the next version of adapter `name`.
 
@@ -345,6 +347,7 @@ class Registry:
             parents: (ref, relation[, weight]) edges to earlier versions (warm-start, merge).
                 Without parents the version gets one edge to its base (`base_relation`).
             metrics: name -> value, recorded with eval_domain = the adapter's domain.
+            mirror: mirror the version into MLflow now (the trainer mirrors it once its run is logged).
 
         Returns:
             the new version. Its number is unique per adapter, even under concurrent writers.
@@ -403,7 +406,8 @@ class Registry:
 
         info = _with_write_retries(tx)
         _fault("registry.after_commit")
-        self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+        if mirror:
+            self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
         return info
 
     def get_version(self, ref: str) -> VersionInfo:
@@ -761,8 +765,19 @@ class Registry:
 
     # ----------------------------------------------------------------- routers
     def register_router(self, name: str, *, kind: str, files: dict[str, Path | bytes], covers: Iterable[str],
-                        metrics: dict[str, Any] | None = None) -> RouterInfo:
-        """Store a fitted router bound to the adapter versions it covers (exact refs)."""
+                        metrics: dict[str, Any] | None = None, parent_version: int | None = None) -> RouterInfo:
+        """Store a fitted router bound to the adapter versions it covers (exact refs).
+
+        Args:
+            parent_version: the version of router `name` this one was built from (0: built from
+                nothing). The write transaction checks that it is still the newest, so of two writers
+                that both loaded version N only one registers N + 1; the other is told to rebuild on
+                N + 1 instead of silently dropping its change (compare-and-swap). None skips the check.
+
+        Raises:
+            StaleRouterError: `parent_version` is no longer the newest version; reload and retry
+                (`plait.continual.change_router` does).
+        """
         validate_name(name, "router name")
         validate_name(kind, "router kind")
         covers = list(covers)
@@ -773,8 +788,16 @@ class Registry:
 
         def tx():
             with self._session(write=True) as s:
-                top = s.exec(select(func.max(RouterVersion.version)).where(RouterVersion.name == name)).one()
-                row = RouterVersion(name=name, version=(top or 0) + 1, kind=kind, sha256=stored.sha256,
+                # SQLite: the write lock is held from BEGIN IMMEDIATE, so this read is the newest;
+                # PostgreSQL: two writers that read the same top collide on uq_router_version, the
+                # loser retries (`_with_write_retries`) and reads the winner's version here
+                top = s.exec(select(func.max(RouterVersion.version)).where(RouterVersion.name == name)).one() or 0
+                if parent_version is not None and top != parent_version:
+                    raise StaleRouterError(
+                        f"router {name!r} is at version {top}, not {parent_version} as when this change was built "
+                        f"(another writer registered one in between); reload the newest version and apply the "
+                        f"change again")
+                row = RouterVersion(name=name, version=top + 1, kind=kind, sha256=stored.sha256,
                                     size_bytes=stored.size_bytes, location=stored.location,
                                     covers_json=json.dumps(covers), metrics_json=json.dumps(metrics or {}))
                 s.add(row)
@@ -855,16 +878,56 @@ class Registry:
                                    for r in rows]
         return out
 
+    def set_mlflow_run(self, ref: str, run_id: str) -> VersionInfo:
+        """Record the MLflow run a version was trained in, then mirror the version (linked to it)."""
+        def tx():
+            with self._session(write=True) as s:
+                adapter, row = self._resolve_row(s, ref)
+                row.mlflow_run_id = run_id
+                s.add(row)
+                s.flush()
+                return self._info(s, adapter, row)
+
+        info = _with_write_retries(tx)
+        self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+        return info
+
     def sync_mlflow(self) -> int:
-        """Mirror every ready version and alias into MLflow (idempotent); returns versions seen."""
+        """Bring MLflow level with the registry (idempotent); returns the versions seen.
+
+        Every ready version and alias is mirrored. A trained version whose run never reached
+        MLflow (its tracking failed after it was registered) gets a run rebuilt from what the
+        registry holds: its config as params, its metrics, its artifact; the per-step loss
+        history lived only in the lost run and is absent (the run is tagged `plait.restored`).
+        """
         if not self.tracking_uri:
             raise BadInputError("this workspace has no MLflow tracking URI; set tracking_uri in plait.toml")
         versions = self.search_versions()
         for info in versions:
+            trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
+            if info.mlflow_run_id is None and trained and "steps" in info.config:
+                info = self._restore_run(info)
             self.tracking.mirror_version(info, self.store.path(info.location))
             for alias in info.aliases:
                 self.tracking.mirror_alias(info.name, alias, info.version)
         return len(versions)
+
+    def _restore_run(self, info: VersionInfo) -> VersionInfo:
+        """Log a trained version's run from what the registry holds, and link the version to it."""
+        from registry.tracking import TRAIN_EXPERIMENT
+
+        metrics = {m["name"]: m["value"] for m in self.get_metrics(info.ref)
+                   if m["audit_id"] is None and m["eval_domain"] == info.domain}
+        params = {"domain": info.domain, "name": info.name, "base_fingerprint": info.base_fingerprint,
+                  "data_fingerprint": info.data_fingerprint,
+                  **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in info.config.items()}}
+        _, path = self.artifact_path(info)  # hash-checked: the run gets the registered bytes
+        with self.tracking.run(TRAIN_EXPERIMENT, f"{info.name}-{info.domain}", params,
+                               tags={"plait.domain": info.domain, "plait.kind": info.kind,
+                                     "plait.restored": "sync-mlflow"}) as run:
+            run.log_metrics(metrics, step=int(info.config["steps"]))
+            run.log_artifacts(path, "adapter")
+        return self.set_mlflow_run(info.ref, run.run_id)
 
     def _mirror(self, fn) -> None:
         """Mirror into MLflow; the registry stays the system of record, so failures only warn."""

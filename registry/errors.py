@@ -36,6 +36,11 @@ class ConflictError(BadInputError):
     """The request clashes with what is stored, e.g. a duplicate name (exit code 2)."""
 
 
+class StaleRouterError(ConflictError):
+    """A router version was built from one that is no longer the newest (another writer registered
+    one in between); reload the newest, apply the change again and retry (exit code 2)."""
+
+
 class IntegrityError(PlaitError):
     """Stored data does not match what the registry recorded (exit code 1)."""
 

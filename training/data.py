@@ -53,6 +53,17 @@ class Row:
         return {"prompt": norm(self.prompt or ""), "completion": norm(self.completion or "")}
 
 
+def _check_unicode(value: str, field: str, where: str) -> None:
+    """Refuse text that cannot be written as UTF-8: a JSON escape of half a surrogate pair (`"\\ud800"`)
+    decodes to a lone surrogate, which the tokenizer and the registry's JSON files cannot encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInputError(f"{where}: \"{field}\" holds a lone surrogate (\\u{ord(value[e.start]):04x} at character "
+                            f"{e.start + 1}), which UTF-8 cannot encode; write the character itself or a full "
+                            f"surrogate pair escape (e.g. \\ud83d\\ude00), or remove it") from None
+
+
 def _row(obj: Any, where: str) -> Row:
     if not isinstance(obj, dict):
         raise BadInputError(f"{where}: expected an object with \"text\" or \"prompt\" + \"completion\", "
@@ -67,6 +78,7 @@ def _row(obj: Any, where: str) -> Row:
             raise BadInputError(f"{where}: \"text\" must be a string, got {type(text).__name__}")
         if not text.strip():
             raise BadInputError(f"{where}: \"text\" is empty; remove the row or give it text")
+        _check_unicode(text, "text", where)
         return Row(text=text, where=where)
     if has_pair:
         for field in ("prompt", "completion"):
@@ -76,6 +88,8 @@ def _row(obj: Any, where: str) -> Row:
                                     f"\"prompt\" and \"completion\"")
         if not obj["completion"].strip():
             raise BadInputError(f"{where}: \"completion\" is empty; there would be nothing to learn from the row")
+        for field in ("prompt", "completion"):
+            _check_unicode(obj[field], field, where)
         return Row(prompt=obj["prompt"], completion=obj["completion"], where=where)
     fields = ", ".join(sorted(map(str, obj))) or "none"
     raise BadInputError(f"{where}: the row has no \"text\" or \"prompt\" + \"completion\" field (fields: {fields})")
@@ -87,6 +101,7 @@ def _input_row(obj: Any, where: str) -> Row:
         if obj.get("prompt") is None:
             raise BadInputError(f'{where}: the row needs a non-empty "text" or "prompt" string')
         if isinstance(obj["prompt"], str) and obj["prompt"].strip():
+            _check_unicode(obj["prompt"], "prompt", where)
             return Row(prompt=obj["prompt"], where=where)
     return _row(obj, where)
 
@@ -105,12 +120,31 @@ def _check_size(size: int, where: str) -> None:
                             f"split it into smaller rows")
 
 
+def _bounded_lines(f, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line of a binary file, never holding more than one row's limit.
+
+    A line over `MAX_ROW_BYTES` is measured in 1 MiB pieces and refused with its full size,
+    so a 200 MB line costs 1 MB of memory, not 200 MB.
+    """
+    n = 0
+    while raw := f.readline(MAX_ROW_BYTES + 1):
+        n += 1
+        size = len(raw)
+        if size > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+            raw = b""  # let the piece go before reading on
+            while piece := f.readline(1 << 20):
+                size += len(piece)
+                if piece.endswith(b"\n"):
+                    break
+        _check_size(size, f"{path}:{n}")
+        yield n, raw
+
+
 def _read_jsonl(path: Path, row=_row) -> list[Row]:
     rows = []
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in _bounded_lines(f, path):
             where = f"{path}:{n}"
-            _check_size(len(raw), where)
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -123,6 +157,9 @@ def _read_jsonl(path: Path, row=_row) -> list[Row]:
             except ValueError as e:
                 raise BadInputError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1}); "
                                     f"write one JSON object per line") from None
+            except RecursionError:  # e.g. 200,000 `[`: deeper than Python's parser can go
+                raise BadInputError(f"{where}: the JSON nests too deeply to read (the line starts "
+                                    f"{line[:20]!r}); write one flat JSON object per line") from None
             rows.append(row(obj, where))
     return rows
 

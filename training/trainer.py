@@ -20,6 +20,8 @@ data-parallel process can take its shard of the same global batch (`training.dis
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import glob
 import json
 import math
@@ -29,7 +31,8 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitEr
 from registry.hashing import sha256_file
 from registry.names import validate_name
 from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
+from registry.tracking import TRAIN_EXPERIMENT
 from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
                            steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
@@ -47,7 +51,7 @@ from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_star
 DTYPES = ("auto", "fp32", "bf16")
 STATE_FILE = "trainer_state.json"
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
-EXPERIMENT = "plait-train"
+EXPERIMENT = TRAIN_EXPERIMENT  # the MLflow experiment of training runs
 
 
 class GradientError(PlaitError):
@@ -403,6 +407,68 @@ def remove_checkpoints(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def checkpoint_folder(registry, name: str, checkpoint_dir: Path | None = None) -> Path:
+    """The checkpoint slot of adapter `name`: `checkpoint_dir`, or `<artifact root>/../checkpoints/<name>`."""
+    return Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
+
+
+@contextlib.contextmanager
+def checkpoint_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold the checkpoint slot `folder` for one run; a second run of the same adapter is refused.
+
+    Two runs of one name share one slot: the second's checkpoints replaced the first's, and its
+    cleanup deleted the first's in-progress checkpoint. The lock is an fcntl lock on
+    `.NAME.lock` beside the slot (a dot name, so no adapter's slot): the kernel drops it when
+    the process ends, however it ends, so a killed run leaves no stale lock (at most the
+    empty file). The file is removed on release; a run that locked a file removed under it
+    locks the new one instead.
+
+    Raises:
+        ConflictError: another run holds the slot (exit code 2).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConflictError(f"adapter {name!r} is being trained by another run, which holds its checkpoints in "
+                                f"{folder}; wait for that run to finish, or train under another --name") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed this file as we opened it: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still holding it, so no one locks the old file after us
+        os.close(fd)
+
+
+def _holding_checkpoint_lock(train):
+    """Run `train_domain` holding its adapter's checkpoint slot (`checkpoint_lock`); data-parallel
+    ranks other than 0 write no checkpoint and take no lock."""
+    @functools.wraps(train)
+    def run(registry, base, domain, data, eval_data=None, config=None, *, checkpoint_dir=None, on_step=None):
+        validate_name(domain, "domain name")  # before any path is built from the names
+        name = (config.name if config is not None else None) or domain
+        validate_name(name, "adapter name")
+        parallel = data_parallel()
+        lock = checkpoint_lock(checkpoint_folder(registry, name, checkpoint_dir), name) \
+            if parallel is None or parallel.is_main else contextlib.nullcontext()
+        with lock:
+            return train(registry, base, domain, data, eval_data, config, checkpoint_dir=checkpoint_dir,
+                         on_step=on_step)
+
+    return run
+
+
 def read_checkpoint_state(checkpoint: Path) -> dict:
     """The trainer state of one checkpoint folder (e.g. the one `latest_checkpoint` found)."""
     path = Path(checkpoint) / STATE_FILE
@@ -556,6 +622,33 @@ def _say(line: str, enabled: bool) -> None:
         Console().print(line, style="dim", highlight=False)
 
 
+def track_training(registry, info, adapter_dir: Path, *, params: dict[str, Any], metrics: dict[str, float],
+                   losses: list[float], steps: int):
+    """Log a registered version's training run to MLflow and mirror the version there, linked to it.
+
+    Runs after the version is registered, so a tracking failure (a tracking server down, a
+    damaged `mlflow.db`) costs only the MLflow record: it warns, and `plait registry
+    sync-mlflow` rebuilds the run from the registry and mirrors the version.
+
+    Returns:
+        the version, with its `mlflow_run_id` when the run was logged.
+    """
+    if not registry.tracking_uri:
+        return info
+    try:
+        with registry.tracking.run(TRAIN_EXPERIMENT, f"{info.name}-{info.domain}", params,
+                                   tags={"plait.domain": info.domain, "plait.kind": info.kind}) as run:
+            _log_losses(run, losses)
+            run.log_metrics(metrics, step=steps)
+            run.log_artifacts(adapter_dir, "adapter")
+    except Exception as e:  # noqa: BLE001 - MLflow mirrors the registry; it never undoes a registered version
+        warnings.warn(f"{info.ref} is registered, but its run was not logged to MLflow ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); `plait registry sync-mlflow` logs it", stacklevel=2)
+        return info
+    return registry.set_mlflow_run(info.ref, run.run_id)
+
+
+@_holding_checkpoint_lock
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
@@ -587,6 +680,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         BadInputError / NotFoundError: bad options, data, refs or an incompatible warm-start,
             or a batch size that does not split across the data-parallel processes.
         GradientError: a trainable tensor received no gradient.
+        ConflictError: another run of the same adapter name holds its checkpoints (`checkpoint_lock`).
     """
     import torch
 
@@ -620,7 +714,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
+    ckpt = checkpoint_folder(registry, name, checkpoint_dir)  # held for this run (`_holding_checkpoint_lock`)
     found, state = _checkpoint_to_resume(ckpt) if cfg.resume else (None, None)
     choice, warm = start_from(registry, cfg, method, loaded, train_ex, warm, state, total_steps=total, pad_id=pad_id,
                               dtype=dtype, batch_size=eval_bs)
@@ -699,17 +793,10 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     with tempfile.TemporaryDirectory(prefix="plait-adapter-") as tmp:
         out = method.save(model, Path(tmp) / "adapter")
-        tracking = registry.tracking
-        with (tracking.run(EXPERIMENT, f"{name}-{domain}", params, tags={"plait.domain": domain, "plait.kind": kind})
-              if tracking else contextlib.nullcontext()) as run:
-            if run is not None:
-                _log_losses(run, all_losses)
-                run.log_metrics(metrics, step=total)
-                run.log_artifacts(out, "adapter")
-            info = registry.register_version(
-                name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint,
-                config=version_config, parents=parents, data_fingerprint=dd.fingerprint,
-                mlflow_run_id=run.run_id if run is not None else None, metrics=metrics)
+        info = registry.register_version(  # first: nothing MLflow does can lose the trained adapter
+            name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint, config=version_config,
+            parents=parents, data_fingerprint=dd.fingerprint, metrics=metrics, mirror=False)
+        info = track_training(registry, info, out, params=params, metrics=metrics, losses=all_losses, steps=total)
     try:  # the domain's first eval split is frozen in the registry for audits
         registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
     except ConflictError:
