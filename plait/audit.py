@@ -400,7 +400,7 @@ def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | No
                 train_domain(reg, ws.config.base_model, BASELINE_DOMAIN, tmp, evtmp, TrainConfig(
                     method="lora", name=SEQUENTIAL, steps=cfg.get("steps") or 20, batch_size=cfg.get("batch_size", 4),
                     max_length=cfg.get("max_length", 256), lr=cfg.get("lr"), seed=0, progress=False, evaluate=False,
-                    from_ref=f"{SEQUENTIAL}:{k}" if k else None))
+                    validation_fraction=0, from_ref=f"{SEQUENTIAL}:{k}" if k else None))
             have = stage + 1
         for j, d_j in enumerate(order[:i + 2]):  # i + 1: the next domain, for FWT
             v = value("sequential", stage, d_j)
