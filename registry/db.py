@@ -181,6 +181,7 @@ def backup_sqlite(engine: Engine, version: int) -> Path | None:
     with contextlib.closing(sqlite3.connect(src, timeout=BUSY_TIMEOUT_S)) as a, \
             contextlib.closing(sqlite3.connect(tmp)) as b:
         a.backup(b)
+        b.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, whatever the source's journal
     os.replace(tmp, dest)
     return dest
 
