@@ -1,13 +1,19 @@
-"""The continual loop: add a domain = train -> register -> freeze its eval set -> update the router.
+"""The continual loop: add a domain = train -> register -> freeze its eval and validation
+sets -> update the router -> re-point the domains the new version serves better.
 
 (The forgetting audit then runs over every domain; see `plait.audit`.) Nothing here touches
 an earlier adapter or the base: the trainer only creates a new version, and the router's
 `add_domain` only adds the new domain's state. Every step leaves a record in the registry:
-the adapter version (with lineage and metrics), the domain's frozen evaluation set, and a
-new router version bound to the exact adapter versions it routes between, with its
-held-out routing accuracy and confusion matrix.
-"""
+the adapter version (with lineage and metrics), the domain's frozen evaluation and
+validation sets, and a new router version bound to the exact adapter versions it routes
+between, with its held-out routing accuracy and confusion matrix.
 
+Backward transfer: a later version may serve an earlier domain better than that domain's own
+adapter. After each real version, `repoint_domains` measures it on every other domain's
+validation split (`ValidationLosses`, each figure once, stored as a metric) and moves the
+domains it improves by more than the workspace's `repoint_margin` in a new router version.
+The eval split is never read here: it stays an honest test for the audit.
+"""
 from __future__ import annotations
 
 import time
@@ -210,16 +216,20 @@ def choose_own_target(domain: str, new_ref: str, served: str | None, losses: Val
                       margin: float) -> tuple[str, Repoint | None]:
     """On a retrain: the version `domain` is served by next.
 
-    Its newest own version replaces the old target, as it always has, unless the router
-    serves the domain with another adapter's version (`served`, re-pointed earlier) that is
-    better on the domain's validation split by more than `margin`: then that one stays.
+    Its newest own version (of any of the domain's adapters) replaces the old target, as it
+    always has, unless the router serves the domain with another domain's version (`served`,
+    re-pointed earlier) that is better on the domain's validation split by more than
+    `margin`: then that one stays.
 
     Returns:
         the ref to serve, and the `Repoint` when the other version was kept.
     """
-    from registry.names import parse_ref
-
-    if served is None or parse_ref(served).name == parse_ref(new_ref).name or not losses.has_split(domain):
+    if served is None or not losses.has_split(domain):
+        return new_ref, None
+    try:
+        if losses.reg.get_version(served).domain == domain:
+            return new_ref, None
+    except NotFoundError:  # the served version is gone (archived): nothing to keep
         return new_ref, None
     own, other = losses(new_ref, domain), losses(served, domain)
     if own - other > margin:
@@ -277,7 +287,8 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
         data / eval_data: the domain's data files (see `training.data`).
         config: a `training.trainer.TrainConfig`.
         audit: run the forgetting audit afterwards.
-        log: called with one line per re-pointed domain.
+        log: called with one line per re-pointed domain and the time validation took (None: silent;
+            the result's `repointed` holds the moves).
     """
     from training.data import frozen_splits, load_domain_data
     from training.trainer import TrainConfig, train_domain
@@ -301,15 +312,16 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
         previous = reg.get_router(ws.router_kind)
     except NotFoundError:
         previous = None
-    served = _load_stored_router(ws, previous).refs.get(domain) if previous is not None else None
+    retrain = len(reg.search_versions(domain=domain)) > 1  # only then can the domain be served by another
+    served = _load_stored_router(ws, previous).refs.get(domain) if previous is not None and retrain else None
     target, kept = choose_own_target(domain, result.version.ref, served, losses, margin)
     router = update_router(ws, domain, [row_input(r) for r in dd.train], target)
     router, moves = repoint_domains(ws, router, result.version, losses, margin)
     moves = ([kept] if kept else []) + moves
-    for m in moves:
-        (log or print)(m.line())
-    if losses.measured:
-        (log or print)(f"validation: {losses.measured} loss(es) measured in {losses.seconds:.1f} s")
+    for line in [m.line() for m in moves] + ([f"validation: {losses.measured} loss(es) measured in "
+                                              f"{losses.seconds:.1f} s"] if losses.measured else []):
+        if log:
+            log(line)
     out = AddDomainResult(result, router, repointed=moves, validation_seconds=losses.seconds)
     if audit:
         from plait.audit import run_audit

@@ -174,7 +174,7 @@ class Workspace:
         """Train a new domain and fold it into the system (see `plait.continual.add_domain`).
 
         Args:
-            log: called with one line per domain re-pointed to the new version (default print).
+            log: called with one line per domain re-pointed to the new version (None: silent).
             train_options: `training.trainer.TrainConfig` fields (method, steps, rank, ...).
         """
         from plait.continual import add_domain

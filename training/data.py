@@ -307,8 +307,9 @@ def load_domain_data(data: str | Path, eval_data: str | Path | None = None, eval
     validation = _frozen_rows(frozen.get("validation"), f"{data}: frozen validation")
     held = {_content_key(r) for r in [*(eval_rows or []), *file_eval, *validation]}
     keys = sorted({k for k in map(_content_key, rows) if k not in held})
-    n_eval = 0 if eval_rows is not None else max(1, round(len(rows) * eval_fraction))
-    n_val = 0 if validation else validation_size(len(rows), validation_fraction)
+    # sizes count distinct rows: copies of one row always share a split
+    n_eval = 0 if eval_rows is not None else max(1, round(len(keys) * eval_fraction))
+    n_val = 0 if validation else validation_size(len(keys), validation_fraction)
     if len(keys) < n_eval + n_val + 1:
         need = " + ".join(f"{n} {what}" for n, what in ((n_eval, "eval"), (n_val, "validation")) if n)
         raise BadInputError(f"{data} has {len(keys)} distinct row(s) left to split, too few to hold out {need} and "
