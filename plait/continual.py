@@ -16,6 +16,7 @@ The eval split is never read here: it stays an honest test for the audit.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -314,9 +315,11 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
         previous = None
     retrain = len(reg.search_versions(domain=domain)) > 1  # only then can the domain be served by another
     served = _load_stored_router(ws, previous).refs.get(domain) if previous is not None and retrain else None
-    target, kept = choose_own_target(domain, result.version.ref, served, losses, margin)
+    on = margin != math.inf  # repoint_margin = inf: every domain is served by its own newest version
+    target, kept = choose_own_target(domain, result.version.ref, served, losses, margin) if on else \
+        (result.version.ref, None)
     router = update_router(ws, domain, [row_input(r) for r in dd.train], target)
-    router, moves = repoint_domains(ws, router, result.version, losses, margin)
+    router, moves = repoint_domains(ws, router, result.version, losses, margin) if on else (router, [])
     moves = ([kept] if kept else []) + moves
     for line in [m.line() for m in moves] + ([f"validation: {losses.measured} loss(es) measured in "
                                               f"{losses.seconds:.1f} s"] if losses.measured else []):

@@ -41,13 +41,13 @@ class WorkspaceConfig:
     """Router kind the continual loop keeps up to date; empty means the default (hybrid)."""
     repoint_margin: float = 0.01
     """Nats of validation loss a new version must gain on an earlier domain before the router
-    serves that domain with it (backward transfer; see `plait.continual`)."""
+    serves that domain with it (backward transfer; see `plait.continual`); `inf` turns it off."""
 
     def __post_init__(self):
         m = self.repoint_margin
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m) or m < 0:
             raise BadInputError(f"setting repoint_margin = {m!r} in {CONFIG_FILE} must be a number of nats >= 0, "
-                                f"e.g. repoint_margin = 0.01")
+                                f"e.g. repoint_margin = 0.01 (inf turns re-pointing off)")
         self.repoint_margin = float(m)
         for key in self.__dataclass_fields__:
             value = getattr(self, key)
@@ -60,7 +60,8 @@ class WorkspaceConfig:
         for key, value in (("base_model", self.base_model), ("db_url", self.db_url),
                            ("tracking_uri", self.tracking_uri), ("router", self.router),
                            ("repoint_margin", self.repoint_margin)):
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON strings and numbers are valid TOML
+            text = ("inf" if value == math.inf else repr(value)) if isinstance(value, float) else json.dumps(value)
+            lines.append(f"{key} = {text}")  # JSON strings are valid TOML basic strings; floats in TOML's spelling
         return "\n".join(lines) + "\n"
 
 
