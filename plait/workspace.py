@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -40,19 +41,29 @@ class WorkspaceConfig:
     """MLflow tracking URI; empty means `mlflow.db` in the workspace, `none` turns MLflow off."""
     router: str = ""
     """Router kind the continual loop keeps up to date; empty means the default (hybrid)."""
+    repoint_margin: float = 0.01
+    """Nats of validation loss a new version must gain on an earlier domain before the router
+    serves that domain with it (backward transfer; see `plait.continual`); `inf` turns it off."""
 
     def __post_init__(self):
+        m = self.repoint_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m) or m < 0:
+            raise BadInputError(f"setting repoint_margin = {m!r} in {CONFIG_FILE} must be a number of nats >= 0, "
+                                f"e.g. repoint_margin = 0.01 (inf turns re-pointing off)")
+        self.repoint_margin = float(m)
         for key in self.__dataclass_fields__:
             value = getattr(self, key)
-            if not isinstance(value, str):
+            if key != "repoint_margin" and not isinstance(value, str):
                 raise BadInputError(f"setting {key} = {value!r} in {CONFIG_FILE} must be a string, e.g. "
                                     f"{key} = \"...\"; fix it or re-create the workspace with `plait init`")
 
     def to_toml(self) -> str:
         lines = ["# plait workspace settings (see `plait init --help`)"]
         for key, value in (("base_model", self.base_model), ("db_url", self.db_url),
-                           ("tracking_uri", self.tracking_uri), ("router", self.router)):
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON strings are valid TOML basic strings
+                           ("tracking_uri", self.tracking_uri), ("router", self.router),
+                           ("repoint_margin", self.repoint_margin)):
+            text = ("inf" if value == math.inf else repr(value)) if isinstance(value, float) else json.dumps(value)
+            lines.append(f"{key} = {text}")  # JSON strings are valid TOML basic strings; floats in TOML's spelling
         return "\n".join(lines) + "\n"
 
 
@@ -98,6 +109,7 @@ class Workspace:
         cfg_file = root / CONFIG_FILE
         if cfg_file.is_file():
             existing = cls(root)
+            config.repoint_margin = existing.config.repoint_margin  # a tuned setting is not another workspace
             if existing.config != config:
                 raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
                                     f"edit {cfg_file} or choose another --workspace")
@@ -181,10 +193,11 @@ class Workspace:
 
         return RoutedModel(self)
 
-    def add_domain(self, domain: str, data, eval_data=None, *, audit: bool = True, **train_options):
+    def add_domain(self, domain: str, data, eval_data=None, *, audit: bool = True, log=None, **train_options):
         """Train a new domain and fold it into the system (see `plait.continual.add_domain`).
 
         Args:
+            log: called with one line per domain re-pointed to the new version (None: silent).
             train_options: `training.trainer.TrainConfig` fields (method, steps, rank, ...); `init`
                 defaults to auto (start from the best related registered version, see
                 `training.warmstart`) unless `from_ref` is given.
@@ -194,7 +207,7 @@ class Workspace:
 
         if train_options.get("from_ref") is None:
             train_options.setdefault("init", "auto")
-        result = add_domain(self, domain, data, eval_data, TrainConfig(**train_options), audit=audit)
+        result = add_domain(self, domain, data, eval_data, TrainConfig(**train_options), audit=audit, log=log)
         if result is not None and "routed_model" in self.__dict__:
             self.routed_model.refresh()
         return result

@@ -34,6 +34,9 @@ from registry.names import Ref, parse_ref, validate_name
 from registry.store import ArtifactStore, _fault
 
 RELATIONS = ("trained-from-base", "warm-start", "merge", "import")
+#: a domain's frozen row sets: `eval` (audits only), `validation` (router calibration and the
+#: choice of which version serves the domain), `train` (its first training rows, for baselines)
+SPLITS = ("eval", "validation", "train")
 _WRITE_RETRIES = 20
 
 
@@ -140,6 +143,11 @@ def _with_write_retries(fn):
                 raise
             time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise BadInputError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
 
 
 def _validate_filters(**filters: str | None) -> None:
@@ -257,15 +265,14 @@ class Registry:
         return _with_write_retries(tx)
 
     def set_domain_rows(self, domain: str, split: str, rows: list[dict[str, Any]]) -> str:
-        """Freeze a domain's `eval` (or `train`) rows as a JSONL artifact; set once, then kept.
+        """Freeze a domain's `eval`, `validation` or `train` rows as a JSONL artifact; set once, then kept.
 
         Returns:
             the rows' sha256. Setting them again with other rows is refused: audits compare
             figures over time, which only means something on the same rows.
         """
         validate_name(domain, "domain name")
-        if split not in ("eval", "train"):
-            raise BadInputError(f"unknown split {split!r}: use eval or train")
+        _check_split(split)
         if not rows:
             raise BadInputError(f"the {split} set of domain {domain!r} is empty; give at least one row")
         payload = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
@@ -292,9 +299,13 @@ class Registry:
         return _with_write_retries(tx)
 
     def get_domain_rows(self, domain: str, split: str = "eval") -> list[dict[str, Any]]:
-        """A domain's frozen `eval` (or `train`) rows, after the file's hash check."""
-        if split not in ("eval", "train"):
-            raise BadInputError(f"unknown split {split!r}: use eval or train")
+        """A domain's frozen `eval`, `validation` or `train` rows, after the file's hash check.
+
+        Raises:
+            NotFoundError: the domain has no such set (a domain made before validation splits
+                existed gets one when it is trained again).
+        """
+        _check_split(split)
         with self._session() as s:
             row = self._domain_row(s, domain, create=False)
             sha, loc = getattr(row, f"{split}_sha256"), getattr(row, f"{split}_location")
@@ -317,6 +328,7 @@ class Registry:
                 names = s.exec(select(Adapter.name).where(Adapter.domain_id == d.id).order_by(Adapter.name)).all()
                 out.append({"name": d.name, "position": d.position, "description": d.description,
                             "adapters": list(names), "eval_sha256": d.eval_sha256, "eval_rows": d.eval_rows,
+                            "validation_rows": d.validation_rows,
                             "created_at": d.created_at.isoformat()})
             return out
 
@@ -706,7 +718,7 @@ class Registry:
                 select(RouterVersion).where(RouterVersion.status == "ready").order_by(RouterVersion.id)).all()]
             for d in s.exec(select(Domain).order_by(Domain.position)).all():
                 rows += [(f"{split} set {d.name}", getattr(d, f"{split}_location"), getattr(d, f"{split}_sha256"))
-                         for split in ("eval", "train") if getattr(d, f"{split}_location")]
+                         for split in SPLITS if getattr(d, f"{split}_location")]
         report, checked = [], {}
         for ref, location, sha in rows:
             key = (location, sha)
@@ -749,6 +761,8 @@ class Registry:
             live |= set(s.exec(select(RouterVersion.location).where(RouterVersion.status == "ready")).all())
             live |= set(s.exec(select(Domain.eval_location).where(Domain.eval_location.is_not(None))).all())
             live |= set(s.exec(select(Domain.train_location).where(Domain.train_location.is_not(None))).all())
+            live |= set(s.exec(select(Domain.validation_location).where(
+                Domain.validation_location.is_not(None))).all())
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():

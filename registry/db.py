@@ -4,15 +4,22 @@ SQLite is the default: WAL journal (readers never block the writer), a busy time
 write transactions opened with `BEGIN IMMEDIATE` so two writers queue on the lock instead
 of failing when a read transaction tries to upgrade. PostgreSQL works through the same
 code; there the version-number race is settled by the unique constraint plus a retry.
+
+The schema carries a version (`plait_schema_version`); a database made by an older plait is
+migrated when it opens (`create_schema`; a SQLite file is backed up first), one made by a
+newer plait is refused with a message saying to upgrade plait.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from sqlalchemy import event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -63,19 +70,120 @@ def _make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet.
+    """Create a fresh database's tables, or bring an older plait database up to `SCHEMA_VERSION`.
 
-    The check is one cheap query when the schema is complete; creation runs in a write
-    transaction so several processes opening a fresh database at once queue instead of
-    failing with "database is locked".
+    The check is two cheap queries when the schema is current. Creation and migration run in
+    one write transaction (SQLite `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so several
+    processes opening the same database at once queue instead of failing with "database is
+    locked", and the second finds the work done. A SQLite file is copied to
+    `<file>.bak-<old version>` before it is migrated.
+
+    Raises:
+        BadInputError: the database was written by a newer plait (its schema version is higher).
     """
     with translate_db_errors(engine):
-        if set(SQLModel.metadata.tables) <= set(inspect(engine).get_table_names()):
+        current = schema_version(engine)
+        if current == SCHEMA_VERSION and set(SQLModel.metadata.tables) <= set(inspect(engine).get_table_names()):
             return
+        _check_not_newer(engine, current)
+        if current is not None and current < SCHEMA_VERSION:
+            backup_sqlite(engine, current)
         with engine.execution_options(plait_write=True).begin() as conn:
             if engine.dialect.name == "postgresql":  # concurrent CREATE TABLEs race on the catalog
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7471)")
-            SQLModel.metadata.create_all(conn)
+            _migrate(conn)
+
+
+# ----------------------------------------------------------------------------- schema versions
+#
+# Why a short list of steps and not an Alembic script folder: plait's migrations are a few
+# additive changes that must run inside plait's own locked write transaction when a registry
+# opens, and ship inside the package with nothing to configure. Each step uses Alembic's
+# `Operations` for the DDL (portable across SQLite and PostgreSQL; `batch_alter_table` when a
+# later step needs SQLite's copy-and-move), and the version lives in plait's own table,
+# `plait_schema_version`, never in `alembic_version`, which MLflow owns in a shared database.
+
+#: the schema this code writes; a database at a lower version is migrated when it opens
+SCHEMA_VERSION = 2
+VERSION_TABLE = models.SchemaVersion.__tablename__
+
+
+def _add_domain_validation(conn: Connection) -> None:
+    """Schema 2: each domain's frozen validation split (sha256, location, row count)."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from sqlalchemy import Column, Integer, String
+
+    have = {c["name"] for c in inspect(conn).get_columns("domain")}
+    op = Operations(MigrationContext.configure(conn))
+    for name, type_ in (("validation_sha256", String()), ("validation_location", String()),
+                        ("validation_rows", Integer())):
+        if name not in have:
+            op.add_column("domain", Column(name, type_, nullable=True))
+
+
+#: (version it brings the schema to, what it does); applied in order to a database below it.
+#: Version 1 is the schema before versioning (plait up to commit d552cdf): tables, no version row.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (2, _add_domain_validation),
+]
+
+
+def schema_version(engine_or_conn: Engine | Connection) -> int | None:
+    """The database's plait schema version: None for an empty database, 1 for plait's tables
+    without a version row (made before schema versioning), else the stored version."""
+    tables = set(inspect(engine_or_conn).get_table_names())
+    if "domain" not in tables:
+        return None
+    if VERSION_TABLE not in tables:
+        return 1
+    ctx = engine_or_conn.connect() if isinstance(engine_or_conn, Engine) else contextlib.nullcontext(engine_or_conn)
+    with ctx as conn:
+        found = conn.execute(text(f"SELECT version FROM {VERSION_TABLE} WHERE id = 1")).scalar()
+    return 1 if found is None else int(found)
+
+
+def _check_not_newer(engine: Engine, version: int | None) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise BadInputError(
+            f"the registry database {engine.url.render_as_string(hide_password=True)} has schema version {version}, "
+            f"newer than this plait's {SCHEMA_VERSION}: it was written by a newer plait; upgrade plait "
+            f"(pip install -U plait) to open it")
+
+
+def _migrate(conn: Connection) -> None:
+    """Inside the write transaction: create missing tables, run the steps above the stored version."""
+    version = schema_version(conn)  # again, under the lock: another process may have migrated
+    if version is not None and version > SCHEMA_VERSION:
+        _check_not_newer(conn.engine, version)
+    SQLModel.metadata.create_all(conn)  # a fresh database, or tables newer than an old one
+    for target, step in MIGRATIONS:
+        if version is not None and version < target:
+            step(conn)
+    conn.execute(text(f"DELETE FROM {VERSION_TABLE}"))
+    conn.execute(text(f"INSERT INTO {VERSION_TABLE} (id, version, updated_at) VALUES (1, :v, :t)"),
+                 {"v": SCHEMA_VERSION, "t": models.utcnow()})
+
+
+def backup_sqlite(engine: Engine, version: int) -> Path | None:
+    """Copy a SQLite registry to `<file>.bak-<version>` (once; an existing backup is kept).
+
+    Uses SQLite's online backup, so the copy is consistent even with a WAL beside the file.
+    Returns the backup's path (None for in-memory databases and other dialects).
+    """
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        return None
+    src = Path(engine.url.database)
+    dest = src.with_name(f"{src.name}.bak-{version}")
+    if dest.exists() or not src.exists():
+        return dest if dest.exists() else None
+    tmp = dest.with_name(dest.name + ".tmp")
+    with contextlib.closing(sqlite3.connect(src, timeout=BUSY_TIMEOUT_S)) as a, \
+            contextlib.closing(sqlite3.connect(tmp)) as b:
+        a.backup(b)
+        b.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, whatever the source's journal
+    os.replace(tmp, dest)
+    return dest
 
 
 @contextlib.contextmanager

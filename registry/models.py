@@ -4,6 +4,7 @@
                  │             │  ╲
                  └─< Alias ────┘   Lineage (child -> parent version, or -> base fingerprint)
     RouterVersion (artifact bound to a set of adapter versions)   Audit (forgetting audits)
+    SchemaVersion (`plait_schema_version`: which migration the database is at; see registry.db)
 
 Version numbers are unique per adapter (a unique constraint; writers retry on conflict).
 An alias points at one version of its adapter; every move is kept in AliasEvent so a
@@ -34,6 +35,11 @@ class Domain(SQLModel, table=True):
     eval_sha256: str | None = None
     eval_location: str | None = None
     eval_rows: int | None = None
+    # its frozen validation set (schema 2): disjoint from the eval set, never trained on; the
+    # router calibrates on it and the continual loop chooses which version serves the domain by it
+    validation_sha256: str | None = None
+    validation_location: str | None = None
+    validation_rows: int | None = None
     # its first training rows, kept so baselines (sequential fine-tuning) can be rebuilt later
     train_sha256: str | None = None
     train_location: str | None = None
@@ -133,6 +139,19 @@ class RouterVersion(SQLModel, table=True):
     metrics_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     status: str = Field(default="ready", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class SchemaVersion(SQLModel, table=True):
+    """plait's schema version: one row, written by `registry.db.migrate`.
+
+    Named apart from MLflow's own `alembic_version`, so both may live in one database.
+    """
+
+    __tablename__ = "plait_schema_version"
+
+    id: int = Field(default=1, primary_key=True)
+    version: int
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class Audit(SQLModel, table=True):

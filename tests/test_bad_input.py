@@ -287,7 +287,7 @@ def test_corrupted_database_file(bad_ws, capsys, tiny_loras, tiny_base, how):
     (b"\xff\xfe\x00garbage", "is not valid TOML ('utf-8' codec can't decode"),
     (b"base_model = \n", "is not valid TOML"),
     (b'base_model = "a"\nbase_model = "b"\n', "is not valid TOML (Cannot overwrite a value"),
-    (b'colour = "blue"\n', "has unknown setting(s) colour; known: base_model, db_url, router, tracking_uri"),
+    (b'colour = "blue"\n', "has unknown setting(s) colour; known: base_model, db_url, repoint_margin, router, tracking_uri"),
     (b"base_model = 3\n", "setting base_model = 3 in plait.toml must be a string"),
     (b'db_url = ["x"]\n', "setting db_url = ['x'] in plait.toml must be a string"),
     (b"tracking_uri = true\n", "setting tracking_uri = True in plait.toml must be a string"),

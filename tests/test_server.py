@@ -11,6 +11,7 @@ OpenAI-shaped errors with the right status codes.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -70,6 +71,9 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     base = make_tiny_base(root / "base")
     ws = Workspace.init(root / "ws", base_model=str(base), tracking_uri="none")
+    # these tests serve each domain with its own adapter; re-pointing (tests/test_repoint.py) is off here:
+    # after 6 steps the bottleneck law adapter is better on cats' validation rows than the cats LoRA
+    ws.config.repoint_margin = math.inf
     for name, texts, method in (("cats", CATS, "lora"), ("law", LAW, "bottleneck")):
         data = root / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"text": f"{texts[i % 2]} {i}"}) + "\n" for i in range(40)))

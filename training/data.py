@@ -23,7 +23,7 @@ import json
 import random
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -269,42 +269,111 @@ def _content_key(row: Row) -> str:
     return hashlib.sha256(json.dumps(row.normalised(), sort_keys=True).encode()).hexdigest()
 
 
+#: the validation split's size: this share of the rows, at least VALIDATION_MIN_ROWS and at most
+#: VALIDATION_MAX_ROWS, so measuring every domain's validation set after each new version
+#: (`plait.continual`) costs a bounded number of forward passes whatever the data size
+VALIDATION_FRACTION = 0.1
+VALIDATION_MIN_ROWS = 1
+VALIDATION_MAX_ROWS = 64
+
+
 @dataclass
 class DomainData:
-    """A domain's train and eval rows with the data fingerprint recorded on the version."""
+    """A domain's train, eval and validation rows with the data fingerprint recorded on the version.
+
+    The three are disjoint by content (the sha256 of the normalised row): `eval` is for audits
+    only, `validation` for router calibration and for choosing the version that serves the
+    domain, `train` for training.
+    """
 
     train: list[Row]
     eval: list[Row]
     fingerprint: str
-    eval_source: str  # "file" or "held-out"
+    eval_source: str  # "file", "held-out" or "frozen" (the registry's, on a retrain)
+    validation: list[Row] = field(default_factory=list)
 
 
-def load_domain_data(data: str | Path, eval_data: str | Path | None = None,
-                     eval_fraction: float = 0.1) -> DomainData:
-    """Read a domain's rows and its eval split.
+def validation_size(n_rows: int, fraction: float) -> int:
+    """How many rows of `n_rows` the validation split takes (0 when `fraction` is 0)."""
+    if fraction == 0:
+        return 0
+    return min(VALIDATION_MAX_ROWS, max(VALIDATION_MIN_ROWS, round(n_rows * fraction)))
+
+
+def _frozen_rows(rows: list[dict[str, Any]] | None, what: str) -> list[Row]:
+    return [_row(r, f"{what} row {i + 1}") for i, r in enumerate(rows or [])]
+
+
+def load_domain_data(data: str | Path, eval_data: str | Path | None = None, eval_fraction: float = 0.1,
+                     validation_fraction: float = 0.0,
+                     frozen: dict[str, list[dict[str, Any]]] | None = None) -> DomainData:
+    """Read a domain's rows and split off its eval and validation sets.
+
+    Every split is by content hash (the sha256 of the normalised row), so it does not depend on
+    row order, and rows with the same content land in the same split. The rows are ordered by
+    that hash: the first `eval_fraction` (at least one) are the eval set, the next
+    `validation_size(...)` the validation set, the rest train. Rows matching a held-out row
+    (an eval file's, or a frozen set's) are never trained on.
 
     Args:
         data: the training file or folder.
-        eval_data: a separate eval file; if None, `eval_fraction` of the rows (at least one) is held
-            out, chosen by content hash so the split does not depend on row order.
+        eval_data: a separate eval file; the validation set then still comes from `data`.
+        validation_fraction: share of the rows held out for validation (0 = none; see
+            `validation_size` for the bounds).
+        frozen: the domain's sets already frozen in the registry (`{"eval": rows,
+            "validation": rows}`, as stored): on a retrain they are the domain's eval and
+            validation sets again, and their rows are taken out of the new training rows.
 
     Raises:
-        BadInputError: as `read_rows`, or too few rows to hold out an eval split.
+        BadInputError: as `read_rows`, or too few rows to hold out the splits and keep one to train on.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise BadInputError(f"eval fraction {eval_fraction!r} is invalid: use a number between 0 and 1 (e.g. 0.1)")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise BadInputError(f"validation fraction {validation_fraction!r} is invalid: use a number >= 0 and below 1 "
+                            f"(e.g. {VALIDATION_FRACTION}; 0 = no validation split)")
+    frozen = frozen or {}
     rows = read_rows(data)
-    if eval_data is not None:
-        eval_rows = read_rows(eval_data)
-        return DomainData(rows, eval_rows, fingerprint_rows(rows, eval_rows), "file")
-    if len(rows) < 2:
+    file_eval = read_rows(eval_data) if eval_data is not None else []
+    eval_rows: list[Row] | None = _frozen_rows(frozen.get("eval"), f"{data}: frozen eval")
+    source = "frozen"
+    if not eval_rows:  # a retrain keeps the frozen set (an --eval file's rows are then only kept out of train)
+        eval_rows, source = (file_eval, "file") if eval_data is not None else (None, "held-out")
+    if eval_rows is None and len(rows) < 2:
         raise BadInputError(f"{data} has {len(rows)} row; hold-out needs at least 2 rows, or give an eval file (--eval)")
-    n_eval = max(1, round(len(rows) * eval_fraction))
-    order = sorted(range(len(rows)), key=lambda i: (_content_key(rows[i]), i))
-    held = set(order[:n_eval])
-    train = [r for i, r in enumerate(rows) if i not in held]
-    eval_rows = [r for i, r in enumerate(rows) if i in held]
-    return DomainData(train, eval_rows, fingerprint_rows(train, eval_rows), "held-out")
+    validation = _frozen_rows(frozen.get("validation"), f"{data}: frozen validation")
+    held = {_content_key(r) for r in [*(eval_rows or []), *file_eval, *validation]}
+    keys = sorted({k for k in map(_content_key, rows) if k not in held})
+    # sizes count distinct rows: copies of one row always share a split
+    n_eval = 0 if eval_rows is not None else max(1, round(len(keys) * eval_fraction))
+    n_val = 0 if validation else validation_size(len(keys), validation_fraction)
+    if len(keys) < n_eval + n_val + 1:
+        need = " + ".join(f"{n} {what}" for n, what in ((n_eval, "eval"), (n_val, "validation")) if n)
+        raise BadInputError(f"{data} has {len(keys)} distinct row(s) left to split, too few to hold out {need} and "
+                            f"keep one to train on; add rows, give an eval file (--eval), or lower the fractions"
+                            if need else f"{data} has no row left to train on: every row is in the domain's frozen "
+                            f"eval or validation set; give new rows")
+    if eval_rows is None:
+        eval_keys = set(keys[:n_eval])
+        eval_rows = [r for r in rows if _content_key(r) in eval_keys]
+    if not validation:
+        val_keys = set(keys[n_eval:n_eval + n_val])
+        validation = [r for r in rows if _content_key(r) in val_keys]
+    taken = held | {_content_key(r) for r in eval_rows} | {_content_key(r) for r in validation}
+    train = [r for r in rows if _content_key(r) not in taken]
+    return DomainData(train, eval_rows, fingerprint_rows(train, eval_rows + validation), source, validation)
+
+
+def frozen_splits(registry, domain: str) -> dict[str, list[dict[str, Any]]]:
+    """The eval and validation sets `domain` already has in `registry` (a `registry.client.Registry`),
+    as `load_domain_data(frozen=...)` takes them; empty for a new domain."""
+    out = {}
+    for split in ("eval", "validation"):
+        try:
+            out[split] = registry.get_domain_rows(domain, split)
+        except NotFoundError:
+            continue
+    return out
 
 
 @dataclass(frozen=True)

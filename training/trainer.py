@@ -42,8 +42,8 @@ from registry.hashing import sha256_file
 from registry.names import validate_name
 from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from registry.tracking import TRAIN_EXPERIMENT
-from training.data import (IGNORE_INDEX, DomainData, batch_at, collate, iter_eval_batches, load_domain_data,
-                           steps_per_epoch, tokenize_rows)
+from training.data import (IGNORE_INDEX, VALIDATION_FRACTION, DomainData, batch_at, collate, frozen_splits,
+                           iter_eval_batches, load_domain_data, steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
 from training.methods import Method, count_trainable, get_method
 from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_start, given_options, start_from
@@ -96,6 +96,9 @@ class TrainConfig:
     """AdamW weight decay"""
     eval_fraction: float = 0.1
     """share of the rows held out for eval when no eval file is given"""
+    validation_fraction: float = VALIDATION_FRACTION
+    """share of the rows held out as the domain's validation split (bounds in `training.data`);
+    0 = none (the audit's baselines, which are never routed)"""
     eval_batch_size: int | None = None
     """examples per eval batch; None = batch_size (so eval never peaks above training)"""
     checkpoint_every: int = 50
@@ -136,12 +139,16 @@ class TrainConfig:
             raise BadInputError(f"checkpoint interval {self.checkpoint_every!r} is invalid: use a whole number >= 0")
         if not 0 < self.eval_fraction < 1:
             raise BadInputError(f"eval fraction {self.eval_fraction!r} is invalid: use a number between 0 and 1")
+        if not 0 <= self.validation_fraction < 1:
+            raise BadInputError(f"validation fraction {self.validation_fraction!r} is invalid: use a number >= 0 "
+                                f"and below 1 (0 = no validation split)")
 
     def run_key(self) -> dict[str, Any]:
         """The options that decide what a run computes (a checkpoint resumes only the same run)."""
         d = asdict(self)
         for k in ("resume", "progress", "checkpoint_every", "eval_batch_size", "evaluate"):
             d.pop(k)
+        d.pop("validation_fraction")  # the data fingerprint covers the split (and older checkpoints lack the key)
         return d
 
 
@@ -704,7 +711,9 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
 
     settings = method.read_config(warm[1]) if warm else method.make_config(**given_options(cfg, kind))
 
-    dd = data if isinstance(data, DomainData) else load_domain_data(data, eval_data, cfg.eval_fraction)
+    # a retrain keeps the domain's frozen eval and validation sets and never trains on their rows
+    dd = data if isinstance(data, DomainData) else load_domain_data(
+        data, eval_data, cfg.eval_fraction, cfg.validation_fraction, frozen=frozen_splits(registry, domain))
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
     loaded = method.load_base(base, settings, compute_dtype=compute)
     tok = loaded.tokenizer
@@ -785,6 +794,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
         "warm_start": warm[0].ref if warm else None, **choice.record(), "processes": parallel.world_size if parallel else 1,
         "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
+                 "validation_rows": len(dd.validation),
                  "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
     parents = [(warm[0].ref, "warm-start")] if warm else []
     params = {"domain": domain, "name": name, "base_fingerprint": loaded.fingerprint,
@@ -797,10 +807,14 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
             name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint, config=version_config,
             parents=parents, data_fingerprint=dd.fingerprint, metrics=metrics, mirror=False)
         info = track_training(registry, info, out, params=params, metrics=metrics, losses=all_losses, steps=total)
-    try:  # the domain's first eval split is frozen in the registry for audits
-        registry.set_domain_eval(domain, [r.normalised() for r in dd.eval])
-    except ConflictError:
-        pass  # an earlier run froze this domain's eval set; audits keep using that one
+    # the domain's first eval split is frozen in the registry for audits, its validation split
+    # for router calibration and for choosing the version that serves it
+    for split, rows in (("eval", dd.eval), ("validation", dd.validation)):
+        try:
+            if rows:
+                registry.set_domain_rows(domain, split, [r.normalised() for r in rows])
+        except ConflictError:
+            pass  # an earlier run froze this domain's set; later runs keep using that one
     remove_checkpoints(ckpt)
     if parallel is not None:
         parallel.barrier()

@@ -91,7 +91,8 @@ def train(
         init=init if init is not None or from_ref is not None else "auto", resume=resume, seed=seed,
         method_options=_options(option or []), progress=not json_)
     added = add_domain(ws, domain, data, eval_, config, audit=audit,
-                       audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")})
+                       audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")},
+                       log=None if json_ else lambda m: console().print(m, style="bold"))
     if added is None:  # a data-parallel rank other than 0: rank 0 prints the result
         return
     if json_:
