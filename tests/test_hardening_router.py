@@ -35,9 +35,11 @@ def domain_texts(i: int) -> list[str]:
 
 
 def prepare_domain(reg, i: int, lora: Path) -> str:
-    """Register domain d{i}'s adapter version and freeze its eval set; returns the version's ref."""
+    """Register domain d{i}'s adapter version and freeze its eval and validation sets (the router
+    calibrates on validation); returns the version's ref."""
     info = reg.register_version(f"ad{i}", domain=f"d{i}", kind="lora", files=lora, base_fingerprint=FP)
     reg.set_domain_eval(f"d{i}", [{"text": t} for t in domain_texts(i)[:3]])
+    reg.set_domain_rows(f"d{i}", "validation", [{"text": t} for t in domain_texts(i)[3:6]])
     return info.ref
 
 
@@ -151,6 +153,7 @@ WRITER = textwrap.dedent("""
     info = ws.registry.register_version(f"ad{i}", domain=f"d{i}", kind="lora", files=Path(lora),
                                         base_fingerprint="sha256:" + "ab" * 32)
     ws.registry.set_domain_eval(f"d{i}", [{"text": t} for t in texts[:3]])
+    ws.registry.set_domain_rows(f"d{i}", "validation", [{"text": t} for t in texts[3:6]])
     real, waited = Registry.register_router, []
 
     def register_together(self, *args, **kwargs):  # every process's first attempt at the same moment
