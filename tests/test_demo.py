@@ -91,6 +91,7 @@ def test_the_plan_code_first_all_kinds_and_the_news_settings_kept():
     assert FULL.domains == (CODE_DOMAIN, *BBC_DOMAINS)
     assert [KINDS[d] for d in FULL.domains] == ["bottleneck", "lora", "qlora", "lora", "qlora", "lora"]
     assert (FULL.steps, FULL.batch_size, FULL.max_length, FULL.n_train, FULL.n_eval) == (16, 4, 64, 64, 12)
+    assert FULL.code_steps == 32  # what made the sequential baseline forget python-code by >= 0.10 nats
     assert FAST.domains[0] == CODE_DOMAIN and {KINDS[d] for d in FAST.domains} == {"bottleneck", "lora", "qlora"}
     assert FAST.steps < FULL.steps and len(FAST.domains) < len(FULL.domains)
 
