@@ -416,8 +416,9 @@ def _sequential(ws, aud, order, all_domains, value, log) -> list[list[float | No
 def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
             ) -> tuple[list[list[float | None]], dict[str, Any]]:
     """The merged baseline's matrix and, per stage, what was merged and what was left out."""
-    from routing.engine import LORA_KINDS, Routing
+    from routing.engine import Routing
     from training.merge import TIES_DENSITY, merge_weights
+    from training.methods import mergeable_kinds
 
     reg = ws.registry
     # a figure is reused only for the exact version it was measured on
@@ -430,8 +431,8 @@ def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
         if info is None:
             continue
         versions = [reg.get_version(r) for r in info.covers]
-        loras = [v for v in versions if v.kind in LORA_KINDS]
-        skipped = [v.ref for v in versions if v.kind not in LORA_KINDS]
+        loras = [v for v in versions if v.kind in mergeable_kinds()]
+        skipped = [v.ref for v in versions if v.kind not in mergeable_kinds()]
         weights = merge_weights(method, len(loras)) if loras else []
         if len(loras) > 1:
             ref = _merged_version(ws, aud, loras, weights, method, log)

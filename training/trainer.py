@@ -45,7 +45,6 @@ from training.methods import Method, count_trainable, get_method
 
 DTYPES = ("auto", "fp32", "bf16")
 STATE_FILE = "trainer_state.json"
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
 EXPERIMENT = "plait-train"
 
 
@@ -590,7 +589,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
             raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
                                 f"domain {domain!r} needs another name (--name)")
     dtype = resolve_dtype(cfg.dtype)
-    lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
+    lr = cfg.lr or method.default_lr
 
     if warm:
         if cfg.rank is not None or cfg.method_options:
@@ -600,7 +599,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     else:
         options = dict(cfg.method_options)
         if cfg.rank is not None:
-            options.setdefault("bottleneck_size" if kind == "bottleneck" else "r", cfg.rank)
+            options.setdefault(method.rank_option, cfg.rank)
         settings = method.make_config(**options)
 
     dd = data if isinstance(data, DomainData) else load_domain_data(data, eval_data, cfg.eval_fraction)
