@@ -432,14 +432,15 @@ def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
             continue
         versions = [reg.get_version(r) for r in info.covers]
         loras = [v for v in versions if v.kind in mergeable_kinds()]
-        skipped = [v.ref for v in versions if v.kind not in mergeable_kinds()]
+        unmerged = [v for v in versions if v.kind not in mergeable_kinds()]
+        skipped = [v.ref for v in unmerged]
         weights = merge_weights(method, len(loras)) if loras else []
         if len(loras) > 1:
             ref = _merged_version(ws, aud, loras, weights, method, log)
         else:  # merging one LoRA with weight 1 gives it back: use it as it is
             ref = loras[0].ref if loras else None
         entry = {"stage": stage, "domain": d_i, "merged": [v.ref for v in loras], "weights": weights,
-                 "skipped_bottleneck": skipped, "ref": ref}
+                 "skipped_bottleneck": skipped, "skipped_kinds": {v.ref: v.kind for v in unmerged}, "ref": ref}
         entry["note"] = _merged_note(entry, method)
         stages.append(entry)
         for j, d_j in enumerate(order[:i + 2]):  # i + 1: the next domain, for FWT
@@ -502,8 +503,13 @@ def _merged_version(ws, aud, loras, weights, method, log) -> str:
 def _merged_note(entry: dict[str, Any], method: str) -> str:
     """One line saying what the merged baseline is at a stage."""
     head = f"after {entry['domain']} (stage {entry['stage'] + 1}): "
-    skipped = entry["skipped_bottleneck"]
-    tail = f"bottleneck adapters of {', '.join(skipped)} not mergeable, left out" if skipped else ""
+    # the refs left out, grouped by their kind (a version of any kind whose Method is not mergeable)
+    kinds = entry.get("skipped_kinds") or dict.fromkeys(entry["skipped_bottleneck"], "bottleneck")
+    groups: dict[str, list[str]] = {}
+    for ref in entry["skipped_bottleneck"]:
+        groups.setdefault(kinds.get(ref, "bottleneck"), []).append(ref)
+    tail = "; ".join(f"{k} adapters of {', '.join(refs)}" for k, refs in groups.items())
+    tail = f"{tail} not mergeable, left out" if tail else ""
     if not entry["merged"]:
         return head + "no LoRA adapter to merge, the row is the base model" + (f" ({tail})" if tail else "")
     if len(entry["merged"]) == 1:
