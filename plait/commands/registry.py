@@ -17,7 +17,7 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS.",
 @app.command("list")
 def list_adapters(
     domain: Annotated[str | None, typer.Option(help="Only adapters of this domain.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Only adapters of this kind (lora, qlora, bottleneck).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only adapters of this adapter kind (see `plait train --method`).")] = None,
     json_: JsonOpt = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
