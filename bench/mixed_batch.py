@@ -5,14 +5,18 @@ tokens (random token ids, no padding), tokens/s for:
 
   base alone                  the bare base model
   one adapter (plait / peft)  every row on the same adapter
-  plait mixed batch           8 adapters round-robin over the rows (gather + bmm, routing/layers.py)
+  plait mixed batch           8 adapters round-robin over the rows (gather + bmm, training/methods)
   plait top-2 blend           every row blends two adapters (0.7 / 0.3)
   peft mixed batch            peft's `adapter_names=` (a Python loop over adapters per layer)
   set_adapter per group       peft, one forward per group of rows sharing an adapter
   one request at a time       peft, one forward per row (set_adapter per row)
 
 and the same mixed-batch rows with 64 distinct adapters in a batch of 64 (base, one adapter,
-plait mixed, peft mixed). Adapters: random LoRA r=8, alpha 16, on q_proj and v_proj (random
+plait mixed, peft mixed). Then DoRA (`--dora`, or alone with `--dora-only`): 8 random DoRA
+adapters (peft `use_dora=True`, r=8 on q_proj/v_proj, magnitudes moved off ||W||), one DoRA
+adapter for the whole batch (plait, peft) against plait's mixed batch of the 8 and a top-2
+DoRA blend; peft has no DoRA mixed batch ("Cannot pass adapter_names when DoRA is enabled").
+The target: DoRA mixed >= 0.9x DoRA single on CPU. Adapters: random LoRA r=8, alpha 16, on q_proj and v_proj (random
 A and B, so they really change the output), written in the PEFT layout by peft itself and by
 copying its layout. Every configuration runs once to warm up, then `--repeats` times,
 interleaved round-robin so that drift of the shared CPU hits all alike; the table shows the
@@ -47,14 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BATCH, TOKENS, N_MIXED, N_WIDE = 32, 64, 8, 64
 
 
-def make_adapters(model, folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """n random LoRA adapters (r=8, q_proj/v_proj) in the PEFT layout; returns their folders."""
+def make_adapters(model, folder: Path, n: int, seed: int = 0, dora: bool = False) -> list[Path]:
+    """n random LoRA (or DoRA) adapters (r=8, q_proj/v_proj) in the PEFT layout; returns their folders."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
     first = folder / "a0"
     torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                         use_dora=dora))
     pm.save_pretrained(str(first))
     del pm
     template = load_file(str(first / "adapter_model.safetensors"))
@@ -67,6 +72,9 @@ def make_adapters(model, folder: Path, n: int, seed: int = 0) -> list[Path]:
             shutil.copy(first / "adapter_config.json", out / "adapter_config.json")
         tensors = {}
         for key, t in template.items():
+            if key.endswith("lora_magnitude_vector"):  # m = ||W|| at init: move it so g != 1
+                tensors[key] = t * (1 + 0.1 * torch.randn(t.shape, generator=g))
+                continue
             fan_in = t.shape[1]
             tensors[key] = torch.randn(t.shape, generator=g) / fan_in ** 0.5 * (1.0 if "lora_A" in key else 0.5)
         save_file(tensors, str(out / "adapter_model.safetensors"))
@@ -79,15 +87,94 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_cases(cases, repeats: int, dev: str) -> dict[int, list[float]]:
+    """Seconds of every case per repeat, interleaved round-robin (after one warm-up each)."""
+    times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    for rep in range(repeats):
+        for i, (_label, _impl, _b, fn) in enumerate(cases):
+            sync(dev)
+            start = time.perf_counter()
+            fn()
+            sync(dev)
+            times[i].append(time.perf_counter() - start)
+        print(f"round {rep + 1}/{repeats} done", flush=True)
+    return times
+
+
+def run_dora(args) -> dict:
+    """DoRA: plait's mixed batch of 8 DoRA adapters against one DoRA adapter for the whole batch."""
+    from peft import PeftModel
+
+    from routing.engine import CompositionEngine
+    from training.base import load_base
+
+    dev, batch, tokens = args.device, args.batch, args.tokens
+    bare = load_base(args.base).model.to(dev).eval()
+    loaded = load_base(args.base)
+    engine = CompositionEngine(loaded.model.to(dev), loaded.tokenizer)
+    tmp = Path(tempfile.mkdtemp(prefix="plait-bench-dora-"))
+    try:
+        folders = make_adapters(bare, tmp, N_MIXED, seed=1, dora=True)
+        names = [f"d{i}" for i in range(N_MIXED)]
+        for name, f in zip(names, folders):
+            assert engine.add_adapter(name, f).kind == "dora"
+        pm = PeftModel.from_pretrained(load_base(args.base).model.to(dev), str(folders[0])).eval()
+        ids = torch.randint(0, bare.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+        rr = [names[i % N_MIXED] for i in range(batch)]
+        top2 = [{names[i % N_MIXED]: 0.7, names[(i + 1) % N_MIXED]: 0.3} for i in range(batch)]
+        cases = [
+            ("base alone", "transformers", batch, lambda: bare(input_ids=ids).logits),
+            ("DoRA, one adapter, whole batch", "plait", batch, lambda: engine.forward(ids, routing=names[0]).logits),
+            ("DoRA, one adapter, whole batch", "peft", batch, lambda: pm(input_ids=ids).logits),
+            (f"DoRA mixed batch, {N_MIXED} adapters", "plait", batch, lambda: engine.forward(ids, routing=rr).logits),
+            (f"DoRA top-2 blend, {N_MIXED} adapters", "plait", batch, lambda: engine.forward(ids, routing=top2).logits),
+        ]
+        with torch.inference_mode():
+            warm = [fn() for _l, _i, _b, fn in cases]
+            diff = (warm[3][0].float() - warm[2][0].float()).abs().max().item()  # row 0 is on d0 in both
+            print(f"check: max |plait DoRA mixed row - peft DoRA alone| logits = {diff:.2e}", flush=True)
+            assert diff < 1e-3, "plait and peft disagree on DoRA; fix the engine before timing it"
+            assert (warm[1].float() - warm[0].float()).abs().max().item() > 1e-3, "DoRA adapters are a no-op"
+            del warm
+            times = time_cases(cases, args.repeats, dev)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tps = {i: batch * tokens / min(t) for i, t in times.items()}
+    print(f"\n{args.base}, no-grad forward, batch {batch} x {tokens} tokens, device {dev}, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}\n")
+    print("| configuration | impl | batch | tokens/s | vs base | vs plait DoRA single |")
+    print("|---|---|---:|---:|---:|---:|")
+    rows = []
+    for i, (label, impl, b, _fn) in enumerate(cases):
+        rows.append({"configuration": label, "impl": impl, "batch": b, "tokens_per_s": tps[i],
+                     "vs_base": tps[i] / tps[0], "vs_dora_single": tps[i] / tps[1], "seconds": times[i]})
+        print(f"| {label} | {impl} | {b} | {tps[i]:,.0f} | {tps[i] / tps[0]:.3f}x | {tps[i] / tps[1]:.3f}x |")
+    checks = [("DoRA mixed >= 0.9x DoRA single (8 adapters)", tps[3] / tps[1], 0.9)]
+    print("\n| target | measured | met |\n|---|---:|---|")
+    for text, value, goal in checks:
+        print(f"| {text} | {value:.3f}x | {'yes' if value >= goal else 'NO'} |")
+    return {"rows": rows, "checks": [{"target": t, "value": v, "goal": g} for t, v, g in checks]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dora", action="store_true", help="also run the DoRA section")
+    ap.add_argument("--dora-only", action="store_true", help="run the DoRA section alone")
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per batch of the DoRA section")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per row of the DoRA section")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dora_only:
+        result = run_dora(args)
+        if args.json:
+            args.json.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
+                                             "dora": result}, indent=2))
+        return
     from peft import PeftModel
 
     from routing.engine import CompositionEngine
@@ -167,15 +254,7 @@ def main() -> None:
             delta = (warm[3].float() - warm[0].float()).abs().max().item()
             assert delta > 1e-3, "the adapters do not change the output; the benchmark would time a no-op"
             del warm
-            times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
-            for rep in range(args.repeats):
-                for i, (_label, _impl, _b, fn) in enumerate(cases):
-                    sync(dev)
-                    start = time.perf_counter()
-                    fn()
-                    sync(dev)
-                    times[i].append(time.perf_counter() - start)
-                print(f"round {rep + 1}/{args.repeats} done", flush=True)
+            times = time_cases(cases, args.repeats, dev)
 
         tps = {i: cases[i][2] * TOKENS / min(t) for i, t in times.items()}
         tps_median = {i: cases[i][2] * TOKENS / statistics.median(t) for i, t in times.items()}
@@ -209,12 +288,17 @@ def main() -> None:
         print("|---|---:|---|")
         for text, value, goal in checks:
             print(f"| {text} | {value:.3f}x | {'yes' if value >= goal else 'NO'} |")
-        if args.json:
-            args.json.write_text(json.dumps({"device": dev, "threads": torch.get_num_threads(), "rows": rows,
-                                             "checks": [{"target": t, "value": v, "goal": g}
-                                                        for t, v, g in checks]}, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    dora = None
+    if args.dora:
+        del pm, engine, bare
+        print()
+        dora = run_dora(args)
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev, "threads": torch.get_num_threads(), "rows": rows,
+                                         "checks": [{"target": t, "value": v, "goal": g} for t, v, g in checks],
+                                         "dora": dora}, indent=2))
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         baselines: any of ("sequential", "merged", "joint").
         merge: how the merged baseline merges: cat, ties or linear (`training.merge`).
         baseline_lr: the learning rate of every trained baseline (sequential, joint); None = the
-            LoRA default (`training.trainer.DEFAULT_LR["lora"]`).
+            LoRA default (`get_method("lora").default_lr`).
         max_forgetting: the gate's threshold on own/routed forgetting, in nats.
         out_dir: where report.md, audit.json and the heatmaps go (default: workspace/audits/<id>).
         max_length: tokens per eval text; None = the length earlier audits of this workspace
@@ -377,7 +377,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
 
 def _check_options(baselines, merge: str, max_forgetting: float, baseline_lr: float | None) -> float:
     """Refuse bad options before anything is measured; returns the baselines' learning rate."""
-    from training.trainer import DEFAULT_LR
+    from training.methods import get_method
 
     for b in baselines:
         if b not in BASELINES:
@@ -388,8 +388,8 @@ def _check_options(baselines, merge: str, max_forgetting: float, baseline_lr: fl
     if baseline_lr is not None and (isinstance(baseline_lr, bool) or not isinstance(baseline_lr, (int, float))
                                     or not 0 < baseline_lr < 1):
         raise BadInputError(f"baseline_lr {baseline_lr!r} is invalid: use a number between 0 and 1, or None for "
-                            f"the LoRA default ({DEFAULT_LR['lora']})")
-    return float(baseline_lr) if baseline_lr is not None else DEFAULT_LR["lora"]
+                            f"the LoRA default ({get_method('lora').default_lr})")
+    return float(baseline_lr) if baseline_lr is not None else get_method("lora").default_lr
 
 
 def _audit_order(reg, domains: list[str] | None) -> tuple[list[str], list[str]]:
@@ -667,8 +667,9 @@ def _joint(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, lr: float):
 def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
             ) -> tuple[list[list[float | None]], dict[str, Any]]:
     """The merged baseline's matrix and, per stage, what was merged and what was left out."""
-    from routing.engine import LORA_KINDS, Routing
+    from routing.engine import Routing
     from training.merge import TIES_DENSITY, merge_weights
+    from training.methods import mergeable_kinds
 
     reg = ws.registry
     # a figure is reused only for the exact version it was measured on
@@ -681,15 +682,16 @@ def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
         if info is None:
             continue
         versions = [reg.get_version(r) for r in info.covers]
-        loras = [v for v in versions if v.kind in LORA_KINDS]
-        skipped = [v.ref for v in versions if v.kind not in LORA_KINDS]
+        loras = [v for v in versions if v.kind in mergeable_kinds()]
+        unmerged = [v for v in versions if v.kind not in mergeable_kinds()]
+        skipped = [v.ref for v in unmerged]
         weights = merge_weights(method, len(loras)) if loras else []
         if len(loras) > 1:
             ref = _merged_version(ws, aud, loras, weights, method, log)
         else:  # merging one LoRA with weight 1 gives it back: use it as it is
             ref = loras[0].ref if loras else None
         entry = {"stage": stage, "domain": d_i, "merged": [v.ref for v in loras], "weights": weights,
-                 "skipped_bottleneck": skipped, "ref": ref}
+                 "skipped_bottleneck": skipped, "skipped_kinds": {v.ref: v.kind for v in unmerged}, "ref": ref}
         entry["note"] = _merged_note(entry, method)
         stages.append(entry)
         for j, d_j in enumerate(order[:i + 2]):  # i + 1: the next domain, for FWT
@@ -752,8 +754,13 @@ def _merged_version(ws, aud, loras, weights, method, log) -> str:
 def _merged_note(entry: dict[str, Any], method: str) -> str:
     """One line saying what the merged baseline is at a stage."""
     head = f"after {entry['domain']} (stage {entry['stage'] + 1}): "
-    skipped = entry["skipped_bottleneck"]
-    tail = f"bottleneck adapters of {', '.join(skipped)} not mergeable, left out" if skipped else ""
+    # the refs left out, grouped by their kind (a version of any kind whose Method is not mergeable)
+    kinds = entry.get("skipped_kinds") or dict.fromkeys(entry["skipped_bottleneck"], "bottleneck")
+    groups: dict[str, list[str]] = {}
+    for ref in entry["skipped_bottleneck"]:
+        groups.setdefault(kinds.get(ref, "bottleneck"), []).append(ref)
+    tail = "; ".join(f"{k} adapters of {', '.join(refs)}" for k, refs in groups.items())
+    tail = f"{tail} not mergeable, left out" if tail else ""
     if not entry["merged"]:
         return head + "no LoRA adapter to merge, the row is the base model" + (f" ({tail})" if tail else "")
     if len(entry["merged"]) == 1:

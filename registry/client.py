@@ -654,6 +654,10 @@ class Registry:
                     kind: str = "lora", description: str = "") -> VersionInfo:
         """Register a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 
+        Args:
+            kind: the adapter kind to record. The registry reads no training code, so the caller
+                detects it (`training.methods.detect_folder`: a `use_dora` config is `dora`).
+
         Raises:
             NotFoundError: the folder does not exist.
             BadInputError: not a PEFT LoRA folder, or its weights are pickle files.

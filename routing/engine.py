@@ -1,18 +1,25 @@
 """The composition engine: one base model, many adapters, a different routing per row.
 
 `CompositionEngine` holds ONE copy of a causal LM (full precision, or 4-bit NF4 through
-bitsandbytes, chosen at construction) and loads any number of adapters onto it at once:
-LoRA / QLoRA folders in the plain PEFT layout and bottleneck adapters in plait's layout (both
-described in TEAM.md / `training/methods`). Every batch row carries its own `Routing`: the base
-alone, one adapter, or a weighted top-k blend of adapters, and one forward pass serves them all.
+bitsandbytes, chosen at construction) and loads any number of adapters of every registered
+kind (`training.methods.METHODS`) onto it at once. Every batch row carries its own `Routing`:
+the base alone, one adapter, or a weighted top-k blend of adapters, and one forward pass
+serves them all.
 
-How the math works
-------------------
-LoRA (Hu et al. 2021, arXiv:2106.09685) adds to a linear layer W the low-rank delta
-s * B A with s = alpha / r (or alpha / sqrt(r) with rsLoRA). With several adapters loaded,
-each targeted linear layer is replaced by a `routing.layers.StackedLoraLinear` that keeps W and
-stacks every adapter's A [n, r_max, in] and s*B^T [n, r_max, out] (smaller ranks zero-padded).
-For row b routed to adapters idx[b, 0..k-1] with weights w[b, 0..k-1] it computes
+How it is organised
+-------------------
+The engine knows no adapter kind by name. Each kind's module in `training/methods/` tells it
+how its folders are recognised (`detect_kind`), which serving family it belongs to, and gives
+the family's `Stacker` (`make_stacker`): the object that parses the kind's files, keeps every
+loaded adapter of the family stacked along a "slot" axis, and applies a per-row routing with
+batched tensor ops. The engine keeps the names, slots and per-row routing; the stackers do the
+maths (LoRA: `training/methods/lora.py`, bottleneck: `training/methods/bottleneck.py`, and
+any kind added since, each documented in its own module). A linear layer adapted by several
+families is wrapped once (`training.methods._stacking.LinearSite`) and runs its base matmul
+once.
+
+For LoRA (Hu et al. 2021, arXiv:2106.09685), row b routed to adapters idx[b, 0..k-1] with
+weights w[b, 0..k-1] computes
 
     y_b = W x_b + sum_j w[b, j] * s_j * B_{idx[b,j]} A_{idx[b,j]} x_b
 
@@ -20,18 +27,16 @@ by gathering each row's A and B slices and running two `torch.bmm` calls (the "g
 matmul" of Punica, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), so the cost does not grow
 with the number of distinct adapters in the batch and there is no Python loop over rows or
 groups. When every row uses the same adapter a plain matmul fast path is taken; when no row
-uses any LoRA the layer returns W x untouched.
+uses a family its layers return the base output untouched. Bottleneck adapters (Houlsby et al.
+2019; Pfeiffer et al. 2021) are forward hooks applying o + sum_j w[b, j] * s_j * up_j(act_j(down_j(o)))
+the same way.
 
-A bottleneck adapter (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021,
-arXiv:2005.00247) maps a sublayer output o to o + s * up(act(down(o))); a
-`routing.layers.StackedBottleneck` forward hook on the sublayer applies the per-row blend
-o + sum_j w[b, j] * s_j * up_j(act_j(down_j(o))) the same way.
-
-Kinds mix freely in one batch and even in one row: a row's LoRA entries drive the LoRA layers,
-its bottleneck entries the bottleneck hooks, and a row gets an exact zero delta from every
-layer of a kind it does not use. Weights are used as given (a router's normalised scores, or
-1.0 for hard routing); they are not renormalised. A top-k blend is therefore the sum of the
-weighted per-layer deltas, which for LoRA equals merging sum_j w_j s_j B_j A_j into W.
+Kinds mix freely in one batch and even in one row: a row's entries of each family drive that
+family's layers, and a row gets an exact zero delta from every layer of a family it does not
+use. Weights are used as given (a router's normalised scores, or 1.0 for hard routing); they
+are not renormalised. A top-k blend is the sum of the weighted per-layer deltas of its entries
+(each entry's delta is what that adapter alone adds to the base output), which for LoRA equals
+merging sum_j w_j s_j B_j A_j into W.
 
 Adapter weights are cast to the dtype of the model's hidden states (the compute dtype); a
 4-bit base keeps its `Linear4bit` layers as the wrapped base layers. Padding is explicit:
@@ -41,9 +46,7 @@ from the attention mask, so padding never changes a row's result.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,13 +58,8 @@ import torch
 from torch import nn
 
 from registry.errors import BadInputError, ConflictError, NotFoundError
-from routing.layers import ACTIVATIONS, KindRouting, RoutingContext, StackedBottleneck, StackedLoraLinear
-
-LORA_KINDS = ("lora", "qlora")
-KINDS = ("lora", "qlora", "bottleneck")
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_BN_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<site>[A-Za-z0-9_]+)\.(?P<part>(down|up)\.(weight|bias))$")
+from training.methods import detect_kind, get_method, kind_names, read_adapter_config
+from training.methods._stacking import KindRouting, SiteRegistry, Stacker
 
 RoutingLike = Any  # Routing | str | None | Mapping[str, float] | Sequence[tuple[str, float]]
 
@@ -142,15 +140,20 @@ class AdapterInfo:
     """One adapter loaded on the engine."""
 
     name: str
-    kind: str  # "lora" | "qlora" | "bottleneck"
+    kind: str  # a registered adapter kind (training.methods.METHODS)
     path: Path
-    slot: int  # index in the stacks of its family (LoRA family or bottleneck family)
+    slot: int  # index in the stacks of its serving family
     modules: list[str]  # module paths the adapter touches
     config: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    @property
+    def family(self) -> str:
+        """The serving family whose stacker holds this adapter (e.g. lora for lora and qlora)."""
+        return get_method(self.kind).family
 
-def _family(kind: str) -> str:
-    return "lora" if kind in LORA_KINDS else "bottleneck"
+
+def _kinds() -> tuple[str, ...]:
+    return kind_names()
 
 
 def _hidden_dtype(model: nn.Module) -> torch.dtype:
@@ -183,13 +186,10 @@ class CompositionEngine:
         self.max_length = max_length
         self.dtype = _hidden_dtype(model)
         self.device = next(model.parameters()).device
-        self._ctx = RoutingContext()
         self._lock = threading.RLock()
         self._adapters: dict[str, AdapterInfo] = {}
-        self._lora_layers: dict[str, StackedLoraLinear] = {}
-        self._bn_sites: dict[str, StackedBottleneck] = {}
-        self._n_lora = 0
-        self._n_bn = 0
+        self._sites = SiteRegistry(self.model, self.dtype, self.device)
+        self._stackers: dict[str, Stacker] = {}  # serving family -> its stacker, made on first use
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -224,7 +224,8 @@ class CompositionEngine:
         Args:
             name: the name rows use to route to it (any non-empty string, e.g. a ref "law:3").
             folder: a folder with adapter_config.json + adapter_model.safetensors.
-            kind: "lora", "qlora" or "bottleneck"; None detects it from the config.
+            kind: a registered adapter kind (`training.methods.kind_names()`); None detects it
+                from the config.
             fingerprint: the base fingerprint the adapter was trained on; checked against the
                 engine's when both are known.
 
@@ -235,7 +236,8 @@ class CompositionEngine:
             ConflictError: the name is taken.
             NotFoundError: the folder or one of its two files is missing.
             IncompatibleBaseError: the fingerprints differ.
-            BadInputError: the files do not fit this base (unknown modules, shapes, options).
+            BadInputError: the files do not fit this base (unknown modules, shapes, options), or
+                hold another kind than `kind`.
         """
         if not isinstance(name, str) or not name.strip():
             raise BadInputError(f"adapter name {name!r} must be a non-empty string")
@@ -247,184 +249,57 @@ class CompositionEngine:
 
             check_compatible(fingerprint, self.fingerprint, f"adapter {name!r}")
         folder = Path(folder)
-        cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-        for p in (cfg_path, weights_path):
-            if not p.is_file():
-                raise NotFoundError(f"{p} is missing; an adapter folder needs adapter_config.json and "
-                                    f"adapter_model.safetensors")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"{cfg_path} is not valid JSON ({exc}); re-export the adapter") from exc
-        detected = "bottleneck" if config.get("plait_adapter") == "bottleneck" else (
-            "lora" if str(config.get("peft_type", "")).upper() == "LORA" else None)
-        if detected is None:
-            raise BadInputError(f"{cfg_path} is neither a PEFT LoRA config (peft_type LORA) nor a plait "
-                                f"bottleneck config (plait_adapter: bottleneck)")
-        if kind is None:
-            kind = detected
-        if kind not in KINDS:
-            raise BadInputError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
-        if _family(kind) != _family(detected):
-            raise BadInputError(f"adapter {name!r} was given kind {kind!r} but {cfg_path} holds a {detected} "
-                                f"adapter; pass kind={detected!r} or None")
+        config = read_adapter_config(folder)
+        weights_path = folder / "adapter_model.safetensors"
+        if not weights_path.is_file():
+            raise NotFoundError(f"{weights_path} is missing; an adapter folder needs adapter_config.json and "
+                                f"adapter_model.safetensors")
+        method = self._method(name, folder, config, kind)
         from safetensors.torch import load_file
 
         tensors = load_file(str(weights_path), device="cpu")
         with self._lock:
-            if _family(kind) == "lora":
-                info = self._add_lora(name, folder, kind, config, tensors)
-            else:
-                info = self._add_bottleneck(name, folder, config, tensors)
+            stacker = self._stacker(method)
+            slot = stacker.n_slots
+            modules = stacker.add(name, config, tensors)
+            info = AdapterInfo(name, method.name, folder, slot, modules, config)
             self._adapters[name] = info
         return info
 
-    def _add_lora(self, name: str, folder: Path, kind: str, cfg: dict, tensors: dict) -> AdapterInfo:
-        for flag, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers"),
-                          ("lora_bias", "LoRA bias terms"), ("modules_to_save", "modules_to_save"),
-                          ("layer_replication", "layer_replication")):
-            if cfg.get(flag):
-                raise BadInputError(f"adapter {name!r} uses {why}, which the composition engine does not "
-                                    f"support; train a plain LoRA adapter")
-        if cfg.get("bias", "none") != "none":
-            raise BadInputError(f"adapter {name!r} trains biases (bias={cfg['bias']!r}); the engine supports "
-                                f"bias='none' only")
-        r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
-        if not isinstance(r_default, int) or r_default <= 0 or not isinstance(alpha_default, (int, float)):
-            raise BadInputError(f"adapter {name!r}: adapter_config.json needs a positive int r and a number "
-                                f"lora_alpha (got r={r_default!r}, lora_alpha={alpha_default!r})")
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            stripped = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-            m = _LORA_KEY.match(stripped)
-            if m is None:
-                raise BadInputError(f"adapter {name!r} has tensor {key!r}, which is not a LoRA A/B weight of a "
-                                    f"linear layer; only plain LoRA on linear layers is supported")
-            pairs.setdefault(m["module"], {})[m["ab"]] = value
-        if not pairs:
-            raise BadInputError(f"adapter {name!r} has no LoRA weights in adapter_model.safetensors")
+    def _method(self, name: str, folder: Path, config: dict, kind: str | None):
+        """The kind to load `config` as: `kind` when its files are what the folder holds."""
+        detected = detect_kind(config)
+        if detected is None:
+            raise BadInputError(f"{folder / 'adapter_config.json'} is not an adapter of a known kind; the engine "
+                                f"serves {', '.join(_kinds())}")
+        method = get_method(detected if kind is None else self._known_kind(kind))
+        if method.artifact_kind != detected:
+            raise BadInputError(f"adapter {name!r} was given kind {kind!r} but {folder / 'adapter_config.json'} "
+                                f"holds a {detected} adapter; pass kind={detected!r} or None")
+        return method
 
-        def pattern_value(module: str, patterns: dict, default):
-            for pat, val in patterns.items():
-                if re.match(rf"(.*\.)?{pat}$", module):
-                    return val
-            return default
+    @staticmethod
+    def _known_kind(kind: str) -> str:
+        if kind not in _kinds():
+            raise BadInputError(f"unknown adapter kind {kind!r}; use one of {', '.join(_kinds())}")
+        return kind
 
-        plan: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, float]] = []
-        for module, ab in sorted(pairs.items()):
-            if set(ab) != {"A", "B"}:
-                raise BadInputError(f"adapter {name!r}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} "
-                                    f"weight; the file is incomplete")
-            target = self._linear_at(module, name)
-            a, b = ab["A"], ab["B"]
-            r = pattern_value(module, rank_pattern, r_default)
-            alpha = pattern_value(module, alpha_pattern, alpha_default)
-            if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
-                raise BadInputError(
-                    f"adapter {name!r}: {module} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, but r={r} "
-                    f"and the base layer is {target.in_features}->{target.out_features}; it was made for another base")
-            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            plan.append((module, target, a, b, scale))
-        # Validated: now install, so a bad file never leaves a half-loaded adapter behind.
-        slot = self._n_lora
-        touched = {}
-        for module, _target, a, b, scale in plan:
-            layer = self._lora_layers.get(module) or self._wrap_linear(module)
-            layer.append_slot(a, b, scale)
-            touched[module] = True
-        for module, layer in self._lora_layers.items():
-            if module not in touched:
-                layer.append_slot(None, None, 0.0)
-        self._n_lora += 1
-        return AdapterInfo(name, kind, folder, slot, [p[0] for p in plan], cfg)
+    def _stacker(self, method) -> Stacker:
+        """The stacker of `method`'s serving family, made on first use."""
+        stacker = self._stackers.get(method.family)
+        if stacker is None:
+            stacker = self._stackers[method.family] = method.make_stacker(self._sites)
+        return stacker
 
-    def _linear_at(self, module: str, name: str) -> nn.Module:
-        try:
-            target = self.model.get_submodule(module)
-        except AttributeError:
-            raise BadInputError(f"adapter {name!r} targets module {module!r}, which this base does not have; "
-                                f"it was made for another model") from None
-        if isinstance(target, StackedLoraLinear):
-            return target
-        if not isinstance(target, nn.Linear):  # bitsandbytes Linear4bit subclasses nn.Linear
-            raise BadInputError(f"adapter {name!r} targets {module!r}, a {type(target).__name__}; the engine "
-                                f"applies LoRA to linear layers only")
-        return target
+    @property
+    def _lora_layers(self) -> dict[str, Any]:
+        """The lora family's per-module stacks (a view kept for tests and debugging)."""
+        return getattr(self._stackers.get("lora"), "layers", {})
 
-    def _wrap_linear(self, module: str) -> StackedLoraLinear:
-        parent_name, _, child = module.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        base_layer = getattr(parent, child)
-        layer = StackedLoraLinear(base_layer, self._ctx, self.dtype, self.device)
-        for _ in range(self._n_lora):  # earlier adapters do not touch this layer
-            layer.append_slot(None, None, 0.0)
-        setattr(parent, child, layer)
-        self._lora_layers[module] = layer
-        return layer
-
-    def _add_bottleneck(self, name: str, folder: Path, cfg: dict, tensors: dict) -> AdapterInfo:
-        act = cfg.get("non_linearity")
-        if act not in ACTIVATIONS:
-            raise BadInputError(f"bottleneck adapter {name!r}: non_linearity {act!r} is not one of "
-                                f"{', '.join(ACTIVATIONS)}")
-        scale = cfg.get("scaling", 1.0)
-        sites = cfg.get("sites") or {}
-        layers_path = cfg.get("layers_path", "model.layers")
-        if not isinstance(scale, (int, float)) or not isinstance(sites, dict) or not sites:
-            raise BadInputError(f"bottleneck adapter {name!r}: adapter_config.json needs a number 'scaling' and "
-                                f"a non-empty 'sites' mapping")
-        hidden = getattr(self.model.config, "hidden_size", None)
-        if cfg.get("hidden_size") not in (None, hidden):
-            raise BadInputError(f"bottleneck adapter {name!r} has hidden_size {cfg.get('hidden_size')}, the base has "
-                                f"{hidden}; it was made for another base")
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            m = _BN_KEY.match(key)
-            if m is None:
-                raise BadInputError(f"bottleneck adapter {name!r} has unexpected tensor {key!r}; expected "
-                                    f"layers.I.SITE.(down|up).(weight|bias)")
-            if m["site"] not in sites:
-                raise BadInputError(f"bottleneck adapter {name!r}: tensor {key!r} names site {m['site']!r}, "
-                                    f"which adapter_config.json 'sites' does not map")
-            module = f"{layers_path}.{m['layer']}.{sites[m['site']]}"
-            grouped.setdefault(module, {})[m["part"]] = value
-        plan: list[tuple[str, dict[str, torch.Tensor]]] = []
-        for module, parts in sorted(grouped.items()):
-            missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(parts)
-            if missing:
-                raise BadInputError(f"bottleneck adapter {name!r}: {module} lacks {', '.join(sorted(missing))}")
-            try:
-                self.model.get_submodule(module)
-            except AttributeError:
-                raise BadInputError(f"bottleneck adapter {name!r} hooks {module!r}, which this base does not have; "
-                                    f"check layers_path/sites or use the base it was trained on") from None
-            b = parts["down.weight"].shape[0]
-            want = {"down.weight": (b, hidden), "down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
-            for part, shape in want.items():
-                if tuple(parts[part].shape) != shape:
-                    raise BadInputError(f"bottleneck adapter {name!r}: {module} {part} has shape "
-                                        f"{tuple(parts[part].shape)}, expected {shape} for this base")
-            plan.append((module, parts))
-        if not plan:
-            raise BadInputError(f"bottleneck adapter {name!r} has no weights in adapter_model.safetensors")
-        slot = self._n_bn
-        touched = set()
-        for module, parts in plan:
-            site = self._bn_sites.get(module)
-            if site is None:
-                site = StackedBottleneck(hidden, self._ctx, self.dtype, self.device)
-                for _ in range(self._n_bn):
-                    site.append_slot(None, act, 0.0)
-                site.attach(self.model.get_submodule(module))
-                self._bn_sites[module] = site
-            site.append_slot(parts, act, float(scale))
-            touched.add(module)
-        for module, site in self._bn_sites.items():
-            if module not in touched:
-                site.append_slot(None, act, 0.0)
-        self._n_bn += 1
-        return AdapterInfo(name, "bottleneck", folder, slot, [p[0] for p in plan], cfg)
+    @property
+    def _bn_sites(self) -> dict[str, Any]:
+        """The bottleneck family's per-module stacks (a view kept for tests and debugging)."""
+        return getattr(self._stackers.get("bottleneck"), "layers", {})
 
     def remove_adapter(self, name: str) -> None:
         """Unload adapter `name`; layers no adapter uses any more get their base module back.
@@ -434,29 +309,12 @@ class CompositionEngine:
         """
         with self._lock:
             info = self._adapter(name)
-            family = _family(info.kind)
+            family = info.family
             del self._adapters[name]
             for other in self._adapters.values():
-                if _family(other.kind) == family and other.slot > info.slot:
+                if other.family == family and other.slot > info.slot:
                     other.slot -= 1
-            if family == "lora":
-                keep = [i for i in range(self._n_lora) if i != info.slot]
-                self._n_lora -= 1
-                for module, layer in list(self._lora_layers.items()):
-                    layer.keep_slots(keep)
-                    if not any(module in a.modules for a in self._adapters.values() if _family(a.kind) == "lora"):
-                        parent_name, _, child = module.rpartition(".")
-                        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                        setattr(parent, child, layer.base_layer)
-                        del self._lora_layers[module]
-            else:
-                keep = [i for i in range(self._n_bn) if i != info.slot]
-                self._n_bn -= 1
-                for module, site in list(self._bn_sites.items()):
-                    site.keep_slots(keep)
-                    if not any(module in a.modules for a in self._adapters.values() if a.kind == "bottleneck"):
-                        site.detach()
-                        del self._bn_sites[module]
+            self._stackers[family].remove(info.slot)
 
     def _adapter(self, name: str) -> AdapterInfo:
         info = self._adapters.get(name)
@@ -504,20 +362,18 @@ class CompositionEngine:
         """
         with self._lock:  # adapters cannot come or go between resolving names and the forward pass
             routes = self._resolve(routing, batch_size)
-            lora_rows: list[list[tuple[int, float]]] = []
-            bn_rows: list[list[tuple[int, float]]] = []
-            for r in routes:
-                lora_rows.append([])
-                bn_rows.append([])
+            rows: dict[str, list[list[tuple[int, float]]]] = {f: [[] for _ in routes] for f in self._stackers}
+            for b, r in enumerate(routes):
                 for n, w in r.adapters:
                     info = self._adapters[n]
-                    (lora_rows if _family(info.kind) == "lora" else bn_rows)[-1].append((info.slot, w))
-            self._ctx.lora = self._kind_routing(lora_rows, self._n_lora)
-            self._ctx.bottleneck = self._kind_routing(bn_rows, self._n_bn)
+                    rows[info.family][b].append((info.slot, w))
+            for family, stacker in self._stackers.items():
+                stacker.route(self._kind_routing(rows[family], stacker.n_slots))
             try:
                 yield routes
             finally:
-                self._ctx.reset()
+                for stacker in self._stackers.values():
+                    stacker.route(KindRouting())
 
     # ------------------------------------------------------------------ tensors in, tensors out
 

@@ -18,8 +18,8 @@ from training.methods.qlora import QLoraSettings
 from training.trainer import GradientError, evaluate, train_steps
 
 KINDS = [("lora", {}), ("qlora", {}), ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 4}),
-         ("bottleneck", {"placement": "houlsby", "reduction_factor": 4})]
-IDS = ["lora", "qlora", "pfeiffer", "houlsby"]
+         ("bottleneck", {"placement": "houlsby", "reduction_factor": 4}), ("dora", {})]
+IDS = ["lora", "qlora", "pfeiffer", "houlsby", "dora"]
 X = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
@@ -255,12 +255,12 @@ def test_bert_style_defaults():
 def test_registry_of_kinds():
     pkg = Path(__import__("training.methods", fromlist=["x"]).__file__).parent
     modules = {p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_")}
-    assert set(METHODS) == modules == {"lora", "qlora", "bottleneck"}
+    assert set(METHODS) == modules == {"lora", "qlora", "bottleneck", "dora"}
     init = (pkg / "__init__.py").read_text()
     assert "import lora" not in init and "from training.methods.lora" not in init  # kinds register themselves
     with pytest.raises(NotFoundError) as e:
         get_method("prefix")
-    assert str(e.value) == "unknown adapter kind 'prefix': use one of bottleneck, lora, qlora"
+    assert str(e.value) == "unknown adapter kind 'prefix': use one of bottleneck, dora, lora, qlora"
 
 
 @pytest.mark.parametrize("make,message", [

@@ -301,7 +301,7 @@ def test_only_the_adapter_may_train(tiny_base):
     ({"steps": 5, "epochs": 1}, "give --steps (5) or --epochs (1), not both"),
     ({"steps": 0}, "steps 0 is invalid: use a whole number >= 1"),
     ({"dtype": "fp16"}, "dtype 'fp16' is invalid: use auto, fp32 or bf16"),
-    ({"method": "prefix"}, "unknown adapter kind 'prefix': use one of bottleneck, lora, qlora"),
+    ({"method": "prefix"}, "unknown adapter kind 'prefix': use one of bottleneck, dora, lora, qlora"),
     ({"lr": 5}, "learning rate 5 is invalid: use a number between 0 and 1 (e.g. 2e-4)"),
     ({"from_ref": "a:b"}, "invalid version 'b' in reference 'a:b': versions are whole numbers from 1"),
     ({"name": "a/b"}, "invalid adapter name 'a/b': use 1-64 letters, digits, '.', '_' or '-', starting with a letter "

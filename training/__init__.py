@@ -1,7 +1,8 @@
 """plait training: making adapters.
 
 - `training.base`     find, load and fingerprint the frozen base model
-- `training.methods`  the adapter kinds (lora, qlora, bottleneck), one module each, by name
+- `training.methods`  the adapter kinds, one module each, registered by name (each owns its config,
+                     artifact format, detection and serving stacker)
 - `training.data`     domain data: formats, checks, eval split, fingerprint, tokenization
 - `training.trainer`  the incremental trainer (`train_domain`, `TrainConfig`, `evaluate`)
 - `training.load`     a registered version back onto its base (`load_version`, `eval_loss`)

@@ -35,16 +35,14 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats = 64 MB, whatever the v
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers causal LM under peft's and plait's bottleneck wrappers."""
-    from training.methods.bottleneck import BottleneckModel
+    """The transformers causal LM under the adapter kinds' wrappers (each kind's `unwrap`)."""
+    from training.methods import METHODS
 
     for _ in range(4):  # peft -> bottleneck -> ... never nests deeper
-        if isinstance(model, BottleneckModel):
-            model = model.base
-        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
-            model = model.get_base_model()
-        else:
+        inner = next((m for m in (meth.unwrap(model) for meth in METHODS.values()) if m is not None), None)
+        if inner is None:
             break
+        model = inner
     return model
 
 

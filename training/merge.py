@@ -50,6 +50,17 @@ def check_method(method: str) -> None:
         raise BadInputError(f"unknown merge method {method!r}: use one of {', '.join(MERGE_METHODS)}")
 
 
+def _check_mergeable(folders: Sequence[Path]) -> None:
+    """Refuse folders of a kind peft's weighted merge does not handle (the kind's MERGEABLE)."""
+    from training.methods import detect_folder, get_method, mergeable_kinds
+
+    for folder in folders:
+        kind = detect_folder(folder)
+        if not get_method(kind).mergeable:
+            raise BadInputError(f"{folder} holds a {kind} adapter, which cannot be merged; merge adapters of the "
+                                f"kinds {', '.join(mergeable_kinds())}")
+
+
 def merge_loras(model, folders: Sequence[str | Path], weights: Sequence[float], out: str | Path, *,
                 method: str = "cat", density: float = TIES_DENSITY) -> Path:
     """Merge the PEFT LoRA folders into one LoRA written to `out`.
@@ -78,6 +89,7 @@ def merge_loras(model, folders: Sequence[str | Path], weights: Sequence[float], 
         raise BadInputError("nothing to merge: give at least one LoRA adapter folder")
     if len(weights) != len(folders):
         raise BadInputError(f"got {len(weights)} weights for {len(folders)} adapters; give one weight each")
+    _check_mergeable(folders)
     if method == "linear":
         ranks = {f: json.loads((f / "adapter_config.json").read_text()).get("r") for f in folders}
         if len(set(ranks.values())) > 1:

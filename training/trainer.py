@@ -50,7 +50,6 @@ from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_star
 
 DTYPES = ("auto", "fp32", "bf16")
 STATE_FILE = "trainer_state.json"
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
 EXPERIMENT = TRAIN_EXPERIMENT  # the MLflow experiment of training runs
 
 
@@ -707,7 +706,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
             raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
                                 f"domain {domain!r} needs another name (--name)")
     dtype = resolve_dtype(cfg.dtype)
-    lr = cfg.lr or DEFAULT_LR.get(kind, 2e-4)
+    lr = cfg.lr or method.default_lr
 
     settings = method.read_config(warm[1]) if warm else method.make_config(**given_options(cfg, kind))
 

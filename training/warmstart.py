@@ -125,7 +125,7 @@ def given_options(cfg, kind: str) -> dict[str, Any]:
     """The kind options the user set, `--rank` included under the kind's own name."""
     options = dict(cfg.method_options)
     if cfg.rank is not None:
-        options.setdefault("bottleneck_size" if kind == "bottleneck" else "r", cfg.rank)
+        options.setdefault(get_method(kind).rank_option, cfg.rank)
     return options
 
 

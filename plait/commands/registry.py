@@ -17,7 +17,7 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS.",
 @app.command("list")
 def list_adapters(
     domain: Annotated[str | None, typer.Option(help="Only adapters of this domain.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Only adapters of this kind (lora, qlora, bottleneck).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only adapters of this adapter kind (see `plait train --method`).")] = None,
     json_: JsonOpt = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -149,8 +149,25 @@ def import_(
     validate_name(name, "adapter name")  # before hashing the base: bad input answers at once
     validate_name(domain, "domain name")
     ws = open_workspace(workspace)
-    info = ws.registry.import_peft(peft_dir, name=name, domain=domain, base_fingerprint=ws.base_fingerprint)
-    typer.echo(f"imported {peft_dir} as {info.ref} (sha256 {short(info.sha256)})")
+    info = ws.registry.import_peft(peft_dir, name=name, domain=domain, base_fingerprint=ws.base_fingerprint,
+                                   **_detected_kind(peft_dir))
+    typer.echo(f"imported {peft_dir} as {info.ref} (sha256 {short(info.sha256)}, {info.kind})")
+
+
+def _detected_kind(peft_dir: Path) -> dict:
+    """{"kind": K} for a readable PEFT LoRA config (a variant such as use_dora is its own kind, and
+    one no kind claims is refused); {} otherwise, so the registry's own checks name the problem."""
+    import json
+
+    try:
+        config = json.loads((peft_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        return {}
+    from training.methods import detect_folder
+
+    return {"kind": detect_folder(peft_dir)}
 
 
 @app.command()

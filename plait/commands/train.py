@@ -10,12 +10,11 @@ from typing import Annotated
 import typer
 
 from plait.commands._common import JsonOpt, WorkspaceOpt, console, open_workspace, print_json, short
+from training.methods import kind_names
 
 
-class MethodName(str, Enum):
-    lora = "lora"
-    qlora = "qlora"
-    bottleneck = "bottleneck"
+#: `--method` choices: the adapter kinds registered in training/methods (read without importing torch)
+MethodName = Enum("MethodName", {k: k for k in kind_names()}, type=str)
 
 
 class DtypeName(str, Enum):
@@ -48,15 +47,15 @@ def train(
                                        show_default=False)],
     eval_: Annotated[Path | None, typer.Option("--eval", help="Eval data (default: hold out 10% of --data).")] = None,
     method: Annotated[MethodName | None, typer.Option(
-        "--method", help="Adapter kind (default lora, or the kind of --from).")] = None,
+        "--method", help="Adapter kind, one of the registered kinds (default lora, or the kind of --from).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Adapter name (default: the domain).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).")] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Examples per step (the global batch when data-parallel).")] = 4,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 256,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-4; bottleneck 1e-3).")] = None,
-    rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (bottleneck: bottleneck size).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: the kind's, 2e-4 for LoRA kinds, 1e-3 for bottleneck).")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Adapter rank: LoRA kinds' r, a bottleneck's size.")] = None,
     dtype: Annotated[DtypeName, typer.Option("--dtype", help="auto = bf16 where the hardware is fast at it.")]
         = DtypeName.auto,
     init: Annotated[str | None, typer.Option(

@@ -1,39 +1,109 @@
 """The adapter kinds, one module each, registered by name.
 
-Every module in this package registers itself on import with
-`register_method(name, config_cls, module)`; the package imports all of its modules, so a
-fourth kind is one new file here and nothing else. A kind's module provides:
+A kind is a module in this package named after the kind (`lora.py` is the kind `lora`) that
+calls `register_method(name, config_cls, module)` on import. Everything else in plait (the
+trainer's defaults, the CLI's `--method` choices, the composition engine, the registry
+import, the merge baseline) asks this registry, so a new kind is one new file here and
+nothing else. What a kind's module provides is the `AdapterKind` protocol below (torchtune's
+`AdapterModule` and peft's `register_peft_method` are the models); `Method` wraps a module
+and fills in the optional parts.
 
-    attach(model, config) -> model    a fresh adapter; only its parameters are trainable
-    save(model, out_dir) -> Path      adapter_config.json + adapter_model.safetensors
-    load(model, folder, trainable=False) -> model   refuses missing or extra tensors
-    read_config(folder) -> config     the config an artifact was saved with
-    disabled(model)                   a context manager in which outputs equal the base's
-
-and may provide `base_kwargs(config)` (extra `training.base.load_base` arguments, e.g. 4-bit),
-`prepare_base(model)` (run right after loading the base, before any forward),
-`prepare_for_training(model)` / `prepare_for_eval(model)` (called by the trainer whenever it
-switches mode) and `make_optimizer(params, lr, weight_decay)`. `Method` fills in defaults.
+The kinds' modules are imported on first use of `METHODS` / `get_method`, not with this
+package: their names (`kind_names()`) come from the file names, so the CLI can list the
+choices without importing torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from registry.errors import BadInputError, NotFoundError
+
+if TYPE_CHECKING:
+    from training.methods._stacking import SiteRegistry, Stacker
+
+
+@runtime_checkable
+class AdapterKind(Protocol):
+    """What the module of an adapter kind provides (optional members are listed in `Method`).
+
+    Attributes:
+        DEFAULT_LR: the learning rate the trainer uses when none is given.
+        RANK_OPTION: the config field `--rank` sets (e.g. `r`, or `bottleneck_size`).
+    """
+
+    DEFAULT_LR: float
+    RANK_OPTION: str
+
+    def attach(self, model, config):
+        """A fresh adapter on `model`; only its parameters are trainable. Returns the wrapped model."""
+
+    def save(self, model, out_dir: Path) -> Path:
+        """Write adapter_config.json + adapter_model.safetensors (nothing else) to `out_dir`."""
+
+    def load(self, model, folder: Path, trainable: bool = False):
+        """Put the adapter stored in `folder` onto `model`; refuses missing or extra tensors."""
+
+    def read_config(self, folder: Path):
+        """The config an artifact was saved with."""
+
+    def matches(self, config: dict) -> bool:
+        """Whether an artifact's adapter_config.json (as a dict) is an artifact of this kind."""
+
+    def disabled(self, model) -> contextlib.AbstractContextManager:
+        """A context in which the model's outputs equal the base's."""
+
+    def make_stacker(self, sites: SiteRegistry) -> Stacker:
+        """The composition engine's holder of every loaded adapter of this kind's serving family."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered adapter kind: its name, config dataclass and implementing module."""
+    """A registered adapter kind: its name, config dataclass and implementing module.
+
+    Optional module members, with the default used when a module lacks them:
+        ARTIFACT_KIND (the kind's own name): the kind whose files this kind writes; qlora writes
+            lora's files, so a folder alone is detected as lora and served by lora's family.
+        SERVE_FAMILY (the kind's own name): kinds with one family share one engine stacker.
+        MERGEABLE (False): whether `training.merge` can merge adapters of this kind.
+        base_kwargs(config, compute_dtype) -> dict: extra `training.base.load_base` arguments.
+        prepare_base(model): run right after loading the base, before any forward.
+        prepare_for_training(model) / prepare_for_eval(model): called on every mode switch.
+        make_optimizer(params, lr, weight_decay): default AdamW.
+        unwrap(model) -> model | None: the wrapped model under this kind's wrapper, or None
+            when `model` is not this kind's wrapper (used by `training.loss`).
+    """
 
     name: str
     config_cls: type
     module: ModuleType
+
+    @property
+    def default_lr(self) -> float:
+        return float(self.module.DEFAULT_LR)
+
+    @property
+    def rank_option(self) -> str:
+        return self.module.RANK_OPTION
+
+    @property
+    def artifact_kind(self) -> str:
+        return getattr(self.module, "ARTIFACT_KIND", self.name)
+
+    @property
+    def family(self) -> str:
+        return getattr(self.module, "SERVE_FAMILY", self.name)
+
+    @property
+    def mergeable(self) -> bool:
+        return bool(getattr(self.module, "MERGEABLE", False))
 
     def make_config(self, **options: Any):
         """Build the kind's config from options, refusing ones the kind does not have."""
@@ -61,8 +131,18 @@ class Method:
     def read_config(self, folder):
         return self.module.read_config(folder)
 
+    def matches(self, config: dict) -> bool:
+        return bool(self.module.matches(config))
+
     def disabled(self, model):
         return self.module.disabled(model)
+
+    def make_stacker(self, sites):
+        return self.module.make_stacker(sites)
+
+    def unwrap(self, model):
+        fn = getattr(self.module, "unwrap", None)
+        return fn(model) if fn else None
 
     def base_kwargs(self, config, compute_dtype=None) -> dict[str, Any]:
         fn = getattr(self.module, "base_kwargs", None)
@@ -108,15 +188,48 @@ class Method:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-METHODS: dict[str, Method] = {}
+_METHODS: dict[str, Method] = {}
+_LOADED = False
+
+
+def kind_names() -> tuple[str, ...]:
+    """The names of the adapter kinds, sorted, read from this package's file names (no import)."""
+    return tuple(sorted(i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_")))
+
+
+def _load_all() -> dict[str, Method]:
+    global _LOADED
+    if not _LOADED:
+        for name in kind_names():
+            importlib.import_module(f"{__name__}.{name}")
+        missing = sorted(set(kind_names()) - set(_METHODS))
+        if missing:
+            raise ValueError(f"training/methods/{missing[0]}.py registers no kind named {missing[0]!r}")
+        _LOADED = True
+    return _METHODS
+
+
+def __getattr__(name: str):
+    # METHODS is loaded on first use so that `import training.methods` stays cheap (PEP 562)
+    if name == "METHODS":
+        return dict(sorted(_load_all().items()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_method(name: str, config_cls: type, module: ModuleType) -> Method:
-    """Register an adapter kind under `name` (called by each kind's module on import)."""
-    if name in METHODS and METHODS[name].module is not module:
-        raise ValueError(f"adapter kind {name!r} is registered twice ({METHODS[name].module.__name__}, {module.__name__})")
-    METHODS[name] = Method(name, config_cls, module)
-    return METHODS[name]
+    """Register an adapter kind under `name` (called by each kind's module on import).
+
+    Raises:
+        TypeError: the module lacks a member of the `AdapterKind` protocol.
+    """
+    if name in _METHODS and _METHODS[name].module is not module:
+        raise ValueError(f"adapter kind {name!r} is registered twice ({_METHODS[name].module.__name__}, {module.__name__})")
+    if not isinstance(module, AdapterKind):
+        lacking = [m for m in ("DEFAULT_LR", "RANK_OPTION", "attach", "save", "load", "read_config", "matches",
+                               "disabled", "make_stacker") if not hasattr(module, m)]
+        raise TypeError(f"adapter kind {name!r} ({module.__name__}) lacks {', '.join(lacking)}")
+    _METHODS[name] = Method(name, config_cls, module)
+    return _METHODS[name]
 
 
 def get_method(name: str) -> Method:
@@ -125,17 +238,67 @@ def get_method(name: str) -> Method:
     Raises:
         NotFoundError: no such kind; the message lists the known ones.
     """
+    methods = _load_all()
     try:
-        return METHODS[name]
+        return methods[name]
     except KeyError:
-        raise NotFoundError(f"unknown adapter kind {name!r}: use one of {', '.join(sorted(METHODS))}") from None
+        raise NotFoundError(f"unknown adapter kind {name!r}: use one of {', '.join(sorted(methods))}") from None
+
+
+def mergeable_kinds() -> tuple[str, ...]:
+    """The kinds whose adapters `training.merge` can merge."""
+    return tuple(n for n, m in sorted(_load_all().items()) if m.mergeable)
+
+
+def detect_kind(config: dict) -> str | None:
+    """The kind whose artifact `config` (an adapter_config.json as a dict) is, or None.
+
+    Only kinds that own their file format take part (`Method.artifact_kind == name`); a config
+    that two kinds claim is refused rather than guessed.
+
+    Raises:
+        BadInputError: more than one kind claims the config.
+    """
+    found = [n for n, m in sorted(_load_all().items()) if m.artifact_kind == n and m.matches(config)]
+    if len(found) > 1:
+        raise BadInputError(f"adapter config is claimed by the kinds {', '.join(found)}; it is ambiguous")
+    return found[0] if found else None
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """An artifact folder's adapter_config.json as a dict.
+
+    Raises:
+        NotFoundError: the file is missing.
+        BadInputError: it is not a JSON object.
+    """
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise NotFoundError(f"{path} is missing; an adapter folder needs adapter_config.json and "
+                            f"adapter_model.safetensors")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON ({exc}); re-export the adapter") from exc
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path} holds {type(config).__name__}, not a JSON object; re-export the adapter")
+    return config
+
+
+def detect_folder(folder: str | Path) -> str:
+    """The kind of the artifact in `folder`, from its adapter_config.json.
+
+    Raises:
+        NotFoundError / BadInputError: no readable config, or no kind claims it (the message
+            names the known kinds).
+    """
+    kind = detect_kind(read_adapter_config(folder))
+    if kind is None:
+        raise BadInputError(f"{Path(folder) / 'adapter_config.json'} is not an adapter of a known kind "
+                            f"({', '.join(n for n, m in sorted(_load_all().items()) if m.artifact_kind == n)})")
+    return kind
 
 
 def count_trainable(model) -> int:
     """The number of parameters that will be trained (requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")

@@ -17,8 +17,9 @@ for Llama-style (`model.layers.{i}.self_attn` / `.mlp`) and BERT-style
 (`encoder.layer.{i}.attention.output` / `.output`) models.
 
 (AdapterHub's `adapters` library pins transformers 4.x and saves pickle files, hence ours.)
-The artifact: `adapter_config.json` (the schema in TEAM.md) + `adapter_model.safetensors`
-with `layers.{i}.{site}.{down,up}.{weight,bias}`.
+The artifact: `adapter_config.json` (`adapter_config()` below writes its schema) +
+`adapter_model.safetensors` with `layers.{i}.{site}.{down,up}.{weight,bias}`. The composition
+engine serves it through `make_stacker` (`training/methods/_bottleneck_stack.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from torch import nn
 from registry.errors import BadInputError, IntegrityError
 from training.methods import register_method
 
+DEFAULT_LR = 1e-3
+RANK_OPTION = "bottleneck_size"
 PLACEMENTS = {"pfeiffer": ("mlp",), "houlsby": ("attn", "mlp")}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 #: (layers_path, {site: module name inside a block}) tried in order when none is given
@@ -315,6 +318,23 @@ def load(model: nn.Module, folder: Path, trainable: bool = False) -> BottleneckM
 
 def disabled(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def matches(config: dict) -> bool:
+    """A plait bottleneck config (`"plait_adapter": "bottleneck"`)."""
+    return config.get("plait_adapter") == "bottleneck"
+
+
+def unwrap(model):
+    """The base under a `BottleneckModel`, or None when `model` is not one."""
+    return model.base if isinstance(model, BottleneckModel) else None
+
+
+def make_stacker(sites):
+    """The composition engine's stack of bottleneck adapters (`BottleneckStacker`)."""
+    from training.methods._bottleneck_stack import BottleneckStacker
+
+    return BottleneckStacker(sites)
 
 
 register_method("bottleneck", BottleneckSettings, sys.modules[__name__])

@@ -10,6 +10,21 @@ is the identity and only A and B train:
 
 Artifacts are plain PEFT layout (`adapter_config.json` + `adapter_model.safetensors`), so
 `peft.PeftModel.from_pretrained` and vLLM load them as they are.
+
+Serving (`make_stacker`, for `routing.engine`): every targeted linear layer gets a `LoraDelta`
+holding all loaded adapters' A [n_slots, r_max, in] and s*B^T [n_slots, r_max, out] (the
+scaling alpha/r or alpha/sqrt(r) folded in; ranks below r_max zero-padded, which adds exact
+zeros). For a batch whose row b is routed to slots idx[b, :k] with weights w[b, :k]:
+
+    h[b]     = x[b] @ concat_j A[idx[b, j]]^T              bmm   [T, k*r]
+    h[b, j] *= w[b, j]                                      broadcast
+    y[b]     = base(x)[b] + h[b] @ concat_j Bt[idx[b, j]]  bmm   [T, out]
+
+i.e. y[b] = base(x[b]) + sum_j w[b, j] * s_j * B_j A_j x[b]: the gather + batched-matmul
+("BGMV") formulation of Punica (Chen et al. 2023, arXiv:2310.18547) and S-LoRA (Sheng et al.
+2023, arXiv:2311.03285), done with plain `torch.bmm`. It needs no grouping of rows by adapter,
+so its cost does not grow with the number of distinct adapters in a batch. Rows with weight 0
+get an exact zero delta, so a base-routed row equals the bare base bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +40,9 @@ from pathlib import Path
 from registry.errors import BadInputError, IntegrityError
 from training.methods import register_method
 
+DEFAULT_LR = 2e-4
+RANK_OPTION = "r"
+MERGEABLE = True
 ADAPTER_NAME = "default"
 #: default targets by architecture style: attention and MLP projections
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -167,6 +185,31 @@ def load(model, folder: Path, trainable: bool = False):
 def disabled(model):
     """A context in which the LoRA update is off and outputs equal the base's."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def unwrap(model):
+    """The model under a peft wrapper, or None when `model` is not one."""
+    fn = getattr(model, "get_base_model", None)
+    if callable(fn):
+        inner = fn()
+        return inner if inner is not model else None
+    return None
+
+
+def matches(config: dict) -> bool:
+    """A PEFT LoRA config with none of the variant options (e.g. use_dora) that change its maths."""
+    return str(config.get("peft_type", "")).upper() == "LORA" and not any(config.get(f) for f in VARIANT_FLAGS)
+
+
+#: PEFT options that make a LoRA a different adapter (another kind, if any, serves it)
+VARIANT_FLAGS = ("use_dora",)
+
+
+def make_stacker(sites):
+    """The composition engine's stack of plain LoRA adapters (`LoraStacker`)."""
+    from training.methods._lora_stack import LoraStacker
+
+    return LoraStacker(sites)
 
 
 register_method("lora", LoraSettings, sys.modules[__name__])

@@ -30,6 +30,12 @@ from training.methods.lora import LoraSettings
 
 #: kinds whose artifacts can initialise a QLoRA adapter (a warm start): LoRA's are the same PEFT layout
 SEEDS_FROM = ("qlora", "lora")
+DEFAULT_LR = lora.DEFAULT_LR
+RANK_OPTION = lora.RANK_OPTION
+MERGEABLE = True
+#: a QLoRA artifact is a LoRA artifact (the 4-bit base is recorded in the registry version's
+#: config, not in the files): a folder alone is detected as lora, and lora's family serves it
+ARTIFACT_KIND = SERVE_FAMILY = "lora"
 
 
 @dataclass
@@ -130,5 +136,8 @@ def load(model, folder, trainable: bool = False):
 
 save = lora.save
 disabled = lora.disabled
+matches = lora.matches
+unwrap = lora.unwrap
+make_stacker = lora.make_stacker
 
 register_method("qlora", QLoraSettings, sys.modules[__name__])
