@@ -54,7 +54,8 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
     t0 = time.time()
     ws = Workspace.init(workspace, base_model="smollm2")
     c.rule(f"[bold]plait demo[/bold]: SmolLM2-135M + {len(settings.domains)} BBC News domains, one adapter each")
-    c.print(f"workspace {ws.path}  (base smollm2, registry {ws.db_url}, MLflow {ws.tracking_uri})")
+    shown = ws.describe()  # passwords masked
+    c.print(f"workspace {ws.path}  (base smollm2, registry {shown['db_url']}, MLflow {shown['tracking_uri']})")
     data = write_bbc_jsonl(ws.path / "data", settings.n_train, settings.n_eval, settings.max_chars, settings.domains)
     c.print(f"data: {len(settings.domains)} domains x {settings.n_train} training + {settings.n_eval} held-out "
             f"articles, written to {ws.path / 'data'}")
@@ -108,7 +109,7 @@ def _summary(ws, audit, seconds: float) -> dict:
             "routing_accuracy": audit.routing_accuracy, "router": router.ref,
             "router_heldout_accuracy": router.metrics["heldout"]["accuracy"], "passed": audit.passed,
             "control": audit.control, "report": f"{audit.out_dir}/report.md", "heatmap": f"{audit.out_dir}/heatmap.png",
-            "registry": ws.db_url, "mlflow": ws.tracking_uri, "workspace": str(ws.path)}
+            "registry": ws.describe()["db_url"], "mlflow": ws.describe()["tracking_uri"], "workspace": str(ws.path)}
 
 
 def _print_summary(c, s: dict) -> None:
