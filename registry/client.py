@@ -595,13 +595,18 @@ class Registry:
         return info
 
     def _point_alias(self, s: Session, adapter: Adapter, version_id: int, alias: str, force: bool) -> VersionInfo:
-        """Move `alias` to a version inside the caller's write transaction, checks under the row lock."""
+        """Move `alias` to a version inside the caller's write transaction, checks under row locks.
+
+        Locks are taken alias row first, then version row, in every path (rollback too), so
+        two moves never wait on each other crosswise.
+        """
+        cur = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias).with_for_update()
+                     .execution_options(populate_existing=True)).first()
         row = self._lock_version(s, version_id)
         if row.status != "ready":
             raise ConflictError(f"{adapter.name}:{row.version} is {row.status}; only ready versions get aliases")
         if alias == PRODUCTION and not force:
             self._audit_gate(s, f"{adapter.name}:{row.version}", row.id)
-        cur = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
         previous = cur.version_id if cur else None
         if cur is None:
             s.add(Alias(adapter_id=adapter.id, name=alias, version_id=row.id))

@@ -172,7 +172,7 @@ def _backends(pid_conn, n: int, timeout: float = 10.0) -> None:
 @pytest.mark.postgres
 def test_archive_and_alias_of_one_version_do_not_both_succeed(postgres_url, tmp_path):
     """PostgreSQL, READ COMMITTED: set_alias has checked `ready` and waits to write its alias
-    (a table lock holds it there); archive runs meanwhile. One of the two must be refused."""
+    (a table lock on aliasevent holds it there); archive runs meanwhile. One of the two must be refused."""
     from sqlalchemy import create_engine, text
 
     from registry.client import Registry
@@ -182,7 +182,7 @@ def test_archive_and_alias_of_one_version_do_not_both_succeed(postgres_url, tmp_
     _version(reg, "law", "l2")
     blocker = create_engine(postgres_url).connect()
     tx = blocker.begin()
-    blocker.execute(text("LOCK TABLE alias IN EXCLUSIVE MODE"))  # reads pass, writes wait
+    blocker.execute(text("LOCK TABLE aliasevent IN EXCLUSIVE MODE"))  # set_alias waits at its last write
     results = {}
 
     def run(what, fn):
