@@ -279,7 +279,8 @@ class _Auditor:
         return out
 
     def load(self, ref: str) -> str:
-        return self.rm.ensure_adapter(ref)
+        # past stages may cover versions archived since (kept by gc while a live router covers them)
+        return self.rm.ensure_adapter(ref, allow_archived=True)
 
     def stage_router(self, router_info):
         from plait.continual import router_runtime
@@ -538,8 +539,12 @@ def _failed_audit(ws, order, problems, max_forgetting, out_dir, t0) -> AuditResu
     result = AuditResult(None, order, {}, {}, {}, {}, {"base_loss": float("nan"), "routed_loss": float("nan"),
                          "delta": float("nan"), "fallback_rate": float("nan"), "n": 0}, problems, False,
                          list(problems), max_forgetting)
+    try:  # the failure judges the versions the router serves: the production gate reads them
+        covers = ws.registry.get_router(ws.router_kind).covers
+    except NotFoundError:
+        covers = []
     audit = ws.registry.create_audit(domains=order, passed=False, summary={"integrity": problems, "passed": False,
-                                                                            "reasons": problems})
+                                                                            "reasons": problems}, covers=covers)
     result.audit_id = audit.id
     out = Path(out_dir) if out_dir else ws.path / "audits" / f"{audit.id:04d}"
     out.mkdir(parents=True, exist_ok=True)
@@ -737,7 +742,7 @@ def _merged_version(ws, aud, loras, weights, method, log) -> str:
         log(f"  merging {', '.join(parents)} into {MERGED} ({method})")
     if aud.merge_model is None:
         aud.merge_model = load_base(ws.config.base_model).model
-    folders = [reg.artifact_path(v)[1] for v in loras]
+    folders = [reg.artifact_path(v, allow_archived=True)[1] for v in loras]
     tmp_root = ws.path / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:

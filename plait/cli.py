@@ -49,7 +49,8 @@ def init(
     workspace: WorkspaceOpt = None,
     base_model: Annotated[str, typer.Option(
         "--base-model", help="Base model: a local folder, a .gguf file, a cached HF id, or 'smollm2' (shipped).")] = "smollm2",
-    db: Annotated[str, typer.Option("--db", help="Registry database URL (default: SQLite in the workspace).")] = "",
+    db: Annotated[str, typer.Option("--db", help="Registry database URL (default: SQLite in the workspace). Keep a "
+                                    "password out of it: set PLAIT_DB_PASSWORD instead.")] = "",
     tracking_uri: Annotated[str, typer.Option(
         "--tracking-uri", help="MLflow tracking URI (default: SQLite in the workspace; 'none' turns MLflow off).")] = "",
     json_: JsonOpt = False,

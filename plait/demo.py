@@ -94,7 +94,8 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
     domains, data = _write_data(ws, settings, set(done), c)
     _check_order(ws, done, domains)
     c.rule(f"[bold]plait demo[/bold]: SmolLM2-135M + {len(domains)} domains, one adapter each")
-    c.print(f"workspace {ws.path}  (base smollm2, registry {ws.db_url}, MLflow {ws.tracking_uri})")
+    shown = ws.describe()  # passwords masked
+    c.print(f"workspace {ws.path}  (base smollm2, registry {shown['db_url']}, MLflow {shown['tracking_uri']})")
     final = final_baselines(c)
     audit = None
     for i, domain in enumerate(domains):
@@ -299,7 +300,7 @@ def _summary(ws, audit, seconds: float) -> dict:
             "routing_accuracy": audit.routing_accuracy, "router": router.ref,
             "router_heldout_accuracy": router.metrics["heldout"]["accuracy"], "passed": audit.passed,
             "control": audit.control, "report": f"{audit.out_dir}/report.md", "heatmap": f"{audit.out_dir}/heatmap.png",
-            "registry": ws.db_url, "mlflow": ws.tracking_uri, "workspace": str(ws.path)}
+            "registry": ws.describe()["db_url"], "mlflow": ws.describe()["tracking_uri"], "workspace": str(ws.path)}
 
 
 def _print_summary(c, s: dict) -> None:

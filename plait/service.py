@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.errors import BadInputError, NotFoundError
+from registry.errors import BadInputError, IntegrityError, NotFoundError
 from registry.names import parse_ref
 
 
@@ -99,14 +99,32 @@ class RoutedModel:
             return {"model": self.engine.model, "tokenizer": self.engine.tokenizer}
         return {}
 
-    def ensure_adapter(self, ref: str) -> str:
-        """Load the version `ref` resolves to now (hash-checked) and return its exact ref."""
+    def ensure_adapter(self, ref: str, *, allow_archived: bool = False) -> str:
+        """Load the version `ref` resolves to now (hash-checked) and return its exact ref.
+
+        Args:
+            allow_archived: load an archived version too (the audit re-measuring past
+                stages); serving refuses them, even when one is still loaded.
+
+        Raises:
+            ConflictError: the version is archived and `allow_archived` is False.
+            IntegrityError: its files fail their checks or cannot be loaded as safetensors.
+        """
+        from safetensors import SafetensorError
+
+        from registry.hashing import check_safetensors_folder
+
         info = self.registry.get_version(ref)
         with self._lock:
-            if info.ref in self.engine.adapters:
+            if info.ref in self.engine.adapters and (allow_archived or info.status == "ready"):
                 return info.ref
-            info, path = self.registry.artifact_path(info)
-            self.engine.add_adapter(info.ref, path, kind=info.kind, fingerprint=info.base_fingerprint)
+            info, path = self.registry.artifact_path(info, allow_archived=allow_archived)
+            check_safetensors_folder(path, f"adapter version {info.ref}")
+            try:
+                self.engine.add_adapter(info.ref, path, kind=info.kind, fingerprint=info.base_fingerprint)
+            except SafetensorError as e:  # stored data that does not load is an integrity failure, not a crash
+                raise IntegrityError(f"adapter version {info.ref} could not be loaded ({e}); restore its files "
+                                     f"or archive it") from None
         return info.ref
 
     def _serving_ref(self, router_ref: str) -> str:

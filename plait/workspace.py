@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,54 @@ from registry.errors import BadInputError, ConflictError, NotFoundError
 
 DEFAULT_WORKSPACE = ".plait"
 CONFIG_FILE = "plait.toml"
+#: the registry database password, kept out of plait.toml; it replaces any password in `db_url`
+DB_PASSWORD_ENV = "PLAIT_DB_PASSWORD"
+
+
+def mask_password(url: str) -> str:
+    """`url` with its password, if any, shown as `***`: `postgresql://user:***@host/db`.
+
+    Every place plait prints a database URL or tracking URI goes through this, so a
+    password never reaches a terminal, a log or `--json` output.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{tail}"
+
+
+def _with_env_password(url: str) -> str:
+    """`url` with the password from PLAIT_DB_PASSWORD when that is set (any driver)."""
+    password = os.environ.get(DB_PASSWORD_ENV)
+    if not password or not url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # registry.db reports the bad URL when it opens it
+    if not parsed.username:
+        raise BadInputError(f"{DB_PASSWORD_ENV} is set but the registry URL {mask_password(url)} names no user; "
+                            f"put the user in the URL (postgresql+psycopg2://USER@host/db)")
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, readable by its owner only (0600): it may hold a password."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -56,6 +105,10 @@ class WorkspaceConfig:
             if key != "repoint_margin" and not isinstance(value, str):
                 raise BadInputError(f"setting {key} = {value!r} in {CONFIG_FILE} must be a string, e.g. "
                                     f"{key} = \"...\"; fix it or re-create the workspace with `plait init`")
+
+    def masked(self) -> dict[str, str]:
+        """The settings with any password in a URL shown as `***`, for messages and output."""
+        return {k: mask_password(getattr(self, k)) for k in self.__dataclass_fields__}
 
     def to_toml(self) -> str:
         lines = ["# plait workspace settings (see `plait init --help`)"]
@@ -111,16 +164,16 @@ class Workspace:
             existing = cls(root)
             config.repoint_margin = existing.config.repoint_margin  # a tuned setting is not another workspace
             if existing.config != config:
-                raise ConflictError(f"{root} is already a workspace with other settings ({existing.config}); "
+                raise ConflictError(f"{root} is already a workspace with other settings ({existing.config.masked()}); "
                                     f"edit {cfg_file} or choose another --workspace")
+            with contextlib.suppress(OSError):  # a workspace made before plait wrote it 0600
+                cfg_file.chmod(0o600)
             existing.registry  # noqa: B018 - a damaged database is reported now, not "ready"
             existing._create_tracking_store()
             return existing
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
-        tmp = cfg_file.with_suffix(".tmp")
-        tmp.write_text(config.to_toml())
-        os.replace(tmp, cfg_file)
+        _write_private(cfg_file, config.to_toml())
         try:
             ws = cls(root)
             ws.registry  # noqa: B018 - creates the database schema now, not on first use
@@ -151,7 +204,9 @@ class Workspace:
     # ----------------------------------------------------------------- settings
     @property
     def db_url(self) -> str:
-        return self.config.db_url or f"sqlite:///{self.path / 'registry.db'}"
+        """The registry URL to connect with: `db_url`, with the password from PLAIT_DB_PASSWORD
+        when that is set. It may hold a password: print `describe()` or `mask_password(...)`."""
+        return _with_env_password(self.config.db_url) or f"sqlite:///{self.path / 'registry.db'}"
 
     @property
     def tracking_uri(self) -> str | None:
@@ -228,5 +283,7 @@ class Workspace:
         return fingerprint(self.config.base_model)
 
     def describe(self) -> dict[str, Any]:
-        return {"workspace": str(self.path), "base_model": self.config.base_model, "db_url": self.db_url,
-                "tracking_uri": self.tracking_uri, "artifacts": str(self.artifact_root)}
+        """The workspace's settings for output; passwords in URLs are shown as `***`."""
+        return {"workspace": str(self.path), "base_model": self.config.base_model,
+                "db_url": mask_password(self.db_url), "tracking_uri": self.tracking_uri and mask_password(self.tracking_uri),
+                "artifacts": str(self.artifact_root)}

@@ -20,13 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from registry import db
-from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError, StaleRouterError
+from registry.errors import BadInputError, ConflictError, IntegrityError, NotFoundError, RefusedError, StaleRouterError
 from registry.hashing import read_safetensors_header
 from registry.models import (Adapter, AdapterVersion, Alias, AliasEvent, Audit, Domain, Lineage, Metric,
                              RouterVersion, utcnow)
@@ -37,6 +37,8 @@ RELATIONS = ("trained-from-base", "warm-start", "merge", "import")
 #: a domain's frozen row sets: `eval` (audits only), `validation` (router calibration and the
 #: choice of which version serves the domain), `train` (its first training rows, for baselines)
 SPLITS = ("eval", "validation", "train")
+#: the alias the audit gate guards (`set_alias`, `rollback_alias`)
+PRODUCTION = "production"
 _WRITE_RETRIES = 20
 
 
@@ -242,6 +244,26 @@ class Registry:
             created_at=row.created_at, parents=parents, aliases=aliases)
 
     @staticmethod
+    def _check_line(s: Session, adapter: Adapter, kind: str, domain: str) -> None:
+        """An adapter's versions share its kind and domain: refuse a version of another."""
+        dname = s.get(Domain, adapter.domain_id).name
+        if adapter.kind != kind or dname != domain:
+            raise ConflictError(f"adapter {adapter.name!r} is a {adapter.kind} adapter of domain {dname!r}; a {kind} "
+                                f"version for domain {domain!r} needs another name (--name)")
+
+    @staticmethod
+    def _lock_version(s: Session, version_id: int) -> AdapterVersion:
+        """The version row, locked for this transaction and read fresh.
+
+        `SELECT ... FOR UPDATE` on PostgreSQL, so archive and alias moves of one version queue
+        and the second sees what the first committed (`populate_existing` re-reads a row the
+        session already holds); SQLite's write transactions (`BEGIN IMMEDIATE`) already exclude
+        each other, and SQLAlchemy emits no FOR UPDATE there.
+        """
+        return s.exec(select(AdapterVersion).where(AdapterVersion.id == version_id).with_for_update()
+                      .execution_options(populate_existing=True)).one()
+
+    @staticmethod
     def _domain_row(s: Session, name: str, create: bool, description: str = "") -> Domain:
         row = s.exec(select(Domain).where(Domain.name == name)).first()
         if row is None:
@@ -290,10 +312,17 @@ class Registry:
         def tx():
             with self._session(write=True) as s:
                 row = self._domain_row(s, domain, create=True)
-                setattr(row, f"{split}_sha256", stored.sha256)
-                setattr(row, f"{split}_location", stored.location)
-                setattr(row, f"{split}_rows", len(rows))
-                s.add(row)
+                sha_col = getattr(Domain, f"{split}_sha256")
+                # freeze only if still unfrozen: another writer may have frozen it since the check
+                # above, and whoever it told "stored" keeps that promise
+                frozen = s.execute(update(Domain).where(Domain.id == row.id, sha_col.is_(None)).values(
+                    {f"{split}_sha256": stored.sha256, f"{split}_location": stored.location,
+                     f"{split}_rows": len(rows)})).rowcount
+                if frozen == 0:
+                    current = s.exec(select(sha_col).where(Domain.id == row.id)).one()
+                    if current != stored.sha256:
+                        raise ConflictError(f"domain {domain!r} already has a frozen {split} set (sha256 "
+                                            f"{current[:12]}); audits keep using it")
                 return stored.sha256
 
         return _with_write_retries(tx)
@@ -375,13 +404,9 @@ class Registry:
         with self._session() as s:  # check everything before any byte is written
             existing = s.exec(select(Adapter).where(Adapter.name == name)).first()
             if existing is not None:
-                dname = s.get(Domain, existing.domain_id).name
-                if existing.kind != kind or dname != domain:
-                    raise ConflictError(
-                        f"adapter {name!r} is a {existing.kind} adapter of domain {dname!r}; a {kind} version for "
-                        f"domain {domain!r} needs another name (--name)")
-            parent_ids = [(self._resolve_row(s, ref)[1].id, rel, w[0] if w else None)
-                          for ref, rel, *w in parents]
+                self._check_line(s, existing, kind, domain)
+            for ref, *_ in parents:
+                self._resolve_row(s, ref)
         if isinstance(files, dict):
             stored = self.store.put(files)
         else:
@@ -391,12 +416,18 @@ class Registry:
 
         def tx():
             with self._session(write=True) as s:
-                dom = self._domain_row(s, domain, create=True)
+                # the checks again, under the adapter's row lock: a writer that created the
+                # adapter since (as another kind or domain) must not gain this version; two
+                # writers creating it at once meet the unique name and the loser retries here
                 adapter = s.exec(select(Adapter).where(Adapter.name == name).with_for_update()).first()
                 if adapter is None:
-                    adapter = Adapter(name=name, domain_id=dom.id, kind=kind)
+                    adapter = Adapter(name=name, domain_id=self._domain_row(s, domain, create=True).id, kind=kind)
                     s.add(adapter)
                     s.flush()
+                else:
+                    self._check_line(s, adapter, kind, domain)
+                parent_ids = [(self._resolve_row(s, ref)[1].id, rel, w[0] if w else None)
+                              for ref, rel, *w in parents]
                 top = s.exec(select(func.max(AdapterVersion.version)).where(
                     AdapterVersion.adapter_id == adapter.id)).one()
                 row = AdapterVersion(
@@ -528,42 +559,101 @@ class Registry:
             return {"root": label(start.id), "nodes": sorted(nodes), "edges": edges}
 
     # ----------------------------------------------------------------- aliases
-    def set_alias(self, ref: str, alias: str) -> VersionInfo:
-        """Point `alias` of the referenced adapter at the referenced version (create or move)."""
+    def set_alias(self, ref: str, alias: str, *, force: bool = False) -> VersionInfo:
+        """Point `alias` of the referenced adapter at the referenced version (create or move).
+
+        Args:
+            force: promote to `production` even where the audit gate refuses it.
+
+        Raises:
+            ConflictError: the version is archived.
+            RefusedError: `alias` is `production` and the newest audit that covered the
+                version failed, or the registry has audits and none covered the version.
+        """
         validate_name(alias, "alias")
 
         def tx():
             with self._session(write=True) as s:
                 adapter, row = self._resolve_row(s, ref)
-                if row.status != "ready":
-                    raise ConflictError(f"{adapter.name}:{row.version} is {row.status}; only ready versions get aliases")
-                cur = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
-                previous = cur.version_id if cur else None
-                if cur is None:
-                    s.add(Alias(adapter_id=adapter.id, name=alias, version_id=row.id))
-                else:
-                    cur.version_id, cur.updated_at = row.id, utcnow()
-                    s.add(cur)
-                s.add(AliasEvent(adapter_id=adapter.id, alias=alias, version_id=row.id, previous_version_id=previous))
-                s.flush()
-                return self._info(s, adapter, row)
+                return self._point_alias(s, adapter, row.id, alias, force)
 
         info = _with_write_retries(tx)
         self._mirror(lambda t: t.mirror_alias(info.name, alias, info.version))
         return info
 
-    def rollback_alias(self, name: str, alias: str) -> VersionInfo:
-        """Move `alias` back to the version it pointed at before its latest move."""
+    def rollback_alias(self, name: str, alias: str, *, force: bool = False) -> VersionInfo:
+        """Move `alias` back to the version it pointed at before its latest move.
+
+        The history is read and the alias moved in one write transaction (under the alias's
+        row lock on PostgreSQL), so a concurrent move cannot slip in between; the target must
+        be ready and, for `production`, pass the audit gate as in `set_alias`.
+        """
         validate_name(name, "adapter name")
         validate_name(alias, "alias")
-        with self._session() as s:
-            adapter = self._adapter_row(s, name)
-            last = s.exec(select(AliasEvent).where(AliasEvent.adapter_id == adapter.id, AliasEvent.alias == alias)
-                          .order_by(AliasEvent.id.desc()).limit(1)).first()
-            if last is None or last.previous_version_id is None:
-                raise NotFoundError(f"alias {name}@{alias} has no earlier version to roll back to")
-            target = s.get(AdapterVersion, last.previous_version_id)
-        return self.set_alias(f"{name}:{target.version}", alias)
+
+        def tx():
+            with self._session(write=True) as s:
+                adapter = self._adapter_row(s, name)
+                s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias).with_for_update()).first()
+                last = s.exec(select(AliasEvent).where(AliasEvent.adapter_id == adapter.id, AliasEvent.alias == alias)
+                              .order_by(AliasEvent.id.desc()).limit(1)).first()
+                if last is None or last.previous_version_id is None:
+                    raise NotFoundError(f"alias {name}@{alias} has no earlier version to roll back to")
+                return self._point_alias(s, adapter, last.previous_version_id, alias, force)
+
+        info = _with_write_retries(tx)
+        self._mirror(lambda t: t.mirror_alias(info.name, alias, info.version))
+        return info
+
+    def _point_alias(self, s: Session, adapter: Adapter, version_id: int, alias: str, force: bool) -> VersionInfo:
+        """Move `alias` to a version inside the caller's write transaction, checks under row locks.
+
+        Locks are taken alias row first, then version row, in every path (rollback too), so
+        two moves never wait on each other crosswise.
+        """
+        cur = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias).with_for_update()
+                     .execution_options(populate_existing=True)).first()
+        row = self._lock_version(s, version_id)
+        if row.status != "ready":
+            raise ConflictError(f"{adapter.name}:{row.version} is {row.status}; only ready versions get aliases")
+        if alias == PRODUCTION and not force:
+            self._audit_gate(s, f"{adapter.name}:{row.version}", row.id)
+        previous = cur.version_id if cur else None
+        if cur is None:
+            s.add(Alias(adapter_id=adapter.id, name=alias, version_id=row.id))
+        else:
+            cur.version_id, cur.updated_at = row.id, utcnow()
+            s.add(cur)
+        s.add(AliasEvent(adapter_id=adapter.id, alias=alias, version_id=row.id, previous_version_id=previous))
+        s.flush()
+        return self._info(s, adapter, row)
+
+    @staticmethod
+    def _audit_gate(s: Session, ref: str, version_id: int) -> None:
+        """Refuse `production` for a version whose newest covering audit failed or that no audit covered.
+
+        An audit covered a version when it recorded a figure for it (its Metric rows) or lists
+        it in its summary's `covers` (an audit stopped by an integrity failure measures nothing
+        but still judged the versions its router served). A registry with no audit at all has
+        no gate: adapters imported or trained without audits are promoted as before.
+        """
+        if s.exec(select(func.count()).select_from(Audit)).one() == 0:
+            return
+        ids = set(s.exec(select(Metric.audit_id).where(Metric.version_id == version_id,
+                                                       Metric.audit_id.is_not(None)).distinct()).all())
+        for aid, summary in s.exec(select(Audit.id, Audit.summary_json).where(
+                Audit.summary_json.contains(f'"{ref}"', autoescape=True))).all():
+            if ref in (json.loads(summary).get("covers") or []):
+                ids.add(aid)
+        if not ids:
+            raise RefusedError(f"no audit covered {ref}: production needs a passed audit that measured this version "
+                               f"(audits measure the versions the router serves; route it and run an audit)")
+        newest = s.get(Audit, max(ids))
+        if not newest.passed:
+            reasons = json.loads(newest.summary_json).get("reasons") or []
+            why = f" ({' '.join(str(reasons[0]).split())[:200]})" if reasons else ""
+            raise RefusedError(f"the latest audit that covered {ref} (#{newest.id}) failed{why}; production needs "
+                               f"a passed audit of this version")
 
     def delete_alias(self, name: str, alias: str) -> None:
         def tx():
@@ -638,15 +728,25 @@ class Registry:
                     for m in s.exec(q.order_by(Metric.id)).all()]
 
     # ----------------------------------------------------------------- artifacts
-    def artifact_path(self, ref: str | VersionInfo) -> tuple[VersionInfo, Path]:
+    def artifact_path(self, ref: str | VersionInfo, *, allow_archived: bool = False) -> tuple[VersionInfo, Path]:
         """The version and its artifact folder, after the folder's sha256 matched the registry.
 
-        This is the only way plait reads adapter weights from the store.
+        This is the only way plait reads adapter weights from the store. The version is read
+        again (a `VersionInfo` may be stale). Loaders check the weights' format with
+        `registry.hashing.check_safetensors_folder`.
+
+        Args:
+            allow_archived: also return an archived version (the audit re-reading the
+                versions of past stages, an export); serving and training refuse them.
 
         Raises:
+            ConflictError: the version is archived and `allow_archived` is False.
             IntegrityError: the files do not match the recorded hash.
         """
-        info = ref if isinstance(ref, VersionInfo) else self.get_version(ref)
+        info = self.get_version(ref.ref if isinstance(ref, VersionInfo) else ref)
+        if info.status != "ready" and not allow_archived:
+            raise ConflictError(f"adapter version {info.ref} is {info.status}: it is no longer served or loaded and gc "
+                                f"may delete its files; use a ready version of {info.name}")
         path = self.store.verify(info.location, info.sha256, what=f"adapter version {info.ref}")
         return info, path
 
@@ -683,9 +783,11 @@ class Registry:
                                     f"re-save with safe_serialization=True")
             raise BadInputError(f"{src} is not a PEFT adapter directory: it has no adapter_model.safetensors")
         try:
-            read_safetensors_header(weights)
+            header, _ = read_safetensors_header(weights)
         except IntegrityError as e:
             raise BadInputError(str(e)) from None
+        if not set(header) - {"__metadata__"}:
+            raise BadInputError(f"{weights} holds no tensors; re-save the adapter with peft")
         return self.register_version(
             name, domain=domain, kind=kind, files={"adapter_config.json": cfg_path, "adapter_model.safetensors": weights},
             base_fingerprint=base_fingerprint, config=config, base_relation="import",
@@ -693,7 +795,7 @@ class Registry:
 
     def export_version(self, ref: str, out_dir: Path) -> Path:
         """Copy a verified version's files to `out_dir` (PEFT layout), writable."""
-        info, path = self.artifact_path(ref)
+        info, path = self.artifact_path(ref, allow_archived=True)  # an export is how an archived one is kept
         out_dir = Path(out_dir)
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise BadInputError(f"{out_dir} exists and is not an empty directory; choose a new folder")
@@ -709,10 +811,16 @@ class Registry:
         return out_dir
 
     def verify(self) -> list[dict[str, Any]]:
-        """Check every ready version's and router's artifact against its recorded hash.
+        """Check every ready version's and router's artifact against its recorded hash, and
+        every live router's coverage.
+
+        A live router (see `live_routers`) covers exact refs; each must exist with a present,
+        hash-matching artifact, and, for the newest router of each name (the one served),
+        be ready: an archived version there fails every request routed to it.
 
         Returns:
-            one row per artifact: {"ref", "sha256", "ok", "error"}.
+            one row per artifact: {"ref", "sha256", "ok", "error"}; one row per live router
+            with ref `coverage of router NAME:V`.
         """
         with self._session() as s:
             rows = [(f"{a.name}:{v.version}", v.location, v.sha256) for a, v in s.exec(
@@ -723,27 +831,101 @@ class Registry:
             for d in s.exec(select(Domain).order_by(Domain.position)).all():
                 rows += [(f"{split} set {d.name}", getattr(d, f"{split}_location"), getattr(d, f"{split}_sha256"))
                          for split in SPLITS if getattr(d, f"{split}_location")]
-        report, checked = [], {}
-        for ref, location, sha in rows:
-            key = (location, sha)
-            if key not in checked:
+            coverage = self._coverage(s)
+        checked: dict[tuple[str, str], str | None] = {}
+
+        def check(location: str, sha: str, what: str) -> str | None:
+            if (location, sha) not in checked:
                 try:
-                    self.store.verify(location, sha, what=ref)
-                    checked[key] = None
+                    self.store.verify(location, sha, what=what)
+                    checked[(location, sha)] = None
                 except IntegrityError as e:
-                    checked[key] = str(e)
-            report.append({"ref": ref, "sha256": sha, "ok": checked[key] is None, "error": checked[key]})
+                    checked[(location, sha)] = str(e)
+            return checked[(location, sha)]
+
+        report = [{"ref": ref, "sha256": sha, "ok": (err := check(loc, sha, ref)) is None, "error": err}
+                  for ref, loc, sha in rows]
+        for router, targets in coverage:
+            errors = [problem or check(loc, sha, ref) for ref, loc, sha, problem in targets]
+            errors = [e for e in errors if e]
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            report.append({"ref": f"coverage of router {router.name}:{router.version}", "sha256": router.sha256,
+                           "ok": not errors, "error": "; ".join(errors[:3]) + more if errors else None})
         return report
 
-    def archive(self, ref: str) -> VersionInfo:
-        """Mark a version archived: it is no longer resolved by NAME and `gc` may delete its files."""
+    def _coverage(self, s: Session) -> list[tuple[RouterVersion, list[tuple[str, str | None, str | None, str | None]]]]:
+        """Per live router: (ref, location, sha256, problem found without hashing) of every covered ref."""
+        versions = {f"{name}:{v.version}": v for name, v in s.exec(
+            select(Adapter.name, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()}
+        out = []
+        for router, covers, served in self._live_routers(s):
+            targets = []
+            for ref in covers:
+                v = versions.get(ref)
+                problem = None
+                if v is None:
+                    problem = f"router {router.name}:{router.version} covers {ref}, which does not exist"
+                elif served and v.status != "ready":
+                    problem = (f"router {router.name}:{router.version} serves {ref}, which is {v.status}: requests "
+                               f"routed to it fail")
+                targets.append((ref, v.location if v else None, v.sha256 if v else None, problem))
+            out.append((router, targets))
+        return out
+
+    @staticmethod
+    def _live_routers(s: Session) -> list[tuple[RouterVersion, list[str], bool]]:
+        """(row, covers, served) of every router version plait can still use.
+
+        Live: the newest version of each router name (routing, generation and `plait serve`
+        load it, and the audit measures it as the current stage; `served` is True for it),
+        and for each name the newest version covering each number of domains (the audit
+        measures, and re-measures when figures are missing, the system after domain i with
+        it; the merged baseline merges its adapters). plait has no router rollback: an older
+        router version is never served again, so its versions are not kept alive.
+        """
+        newest: dict[str, RouterVersion] = {}
+        stage: dict[tuple[str, int], tuple[RouterVersion, list[str]]] = {}
+        for r in s.exec(select(RouterVersion).where(RouterVersion.status == "ready")
+                        .order_by(RouterVersion.name, RouterVersion.version)).all():
+            covers = json.loads(r.covers_json)
+            newest[r.name] = r
+            stage[(r.name, len(covers))] = (r, covers)
+        served = {r.id for r in newest.values()}
+        live = {r.id: (r, covers) for r, covers in stage.values()}
+        for r in newest.values():
+            live.setdefault(r.id, (r, json.loads(r.covers_json)))
+        return [(r, covers, r.id in served) for r, covers in sorted(live.values(), key=lambda t: (t[0].name, t[0].version))]
+
+    def live_routers(self) -> list[RouterInfo]:
+        """The router versions plait can still serve or audit (see `_live_routers`), by name and version."""
+        with self._session() as s:
+            return [self._router_info(r) for r, _, _ in self._live_routers(s)]
+
+    def archive(self, ref: str, *, force: bool = False) -> VersionInfo:
+        """Mark a version archived: it is no longer resolved by NAME and `gc` may delete its files.
+
+        Args:
+            force: archive a version a live router still covers (gc keeps its files while
+                one does; serving it by NAME:V is refused from now on).
+
+        Raises:
+            ConflictError: an alias points at the version (move the alias first).
+            RefusedError: a live router covers the version and `force` is False.
+        """
         def tx():
             with self._session(write=True) as s:
                 adapter, row = self._resolve_row(s, ref)
+                row = self._lock_version(s, row.id)  # queues with alias moves of this version
+                exact = f"{adapter.name}:{row.version}"
                 held = s.exec(select(Alias.name).where(Alias.version_id == row.id)).all()
                 if held:
-                    raise ConflictError(f"{adapter.name}:{row.version} is the target of alias(es) {', '.join(held)}; "
+                    raise ConflictError(f"{exact} is the target of alias(es) {', '.join(held)}; "
                                         f"move them first (plait registry alias)")
+                routers = [f"{r.name}:{r.version}" for r, covers, _ in self._live_routers(s) if exact in covers]
+                if routers and not force:
+                    raise RefusedError(f"{exact} is covered by live router version(s) {', '.join(routers)}, which can "
+                                       f"still route requests or audits to it; archive it after a newer router "
+                                       f"replaces it")
                 row.status = "archived"
                 s.add(row)
                 s.flush()
@@ -752,7 +934,10 @@ class Registry:
         return _with_write_retries(tx)
 
     def gc(self, grace_s: float = 600.0) -> dict[str, int]:
-        """Delete artifacts no ready version or router references, and stale temp folders.
+        """Delete artifacts nothing live references, and stale temp folders.
+
+        Kept: every ready version, router and frozen domain split, and every version a live
+        router covers (archived with force or not). Aliases point at ready versions only.
 
         Args:
             grace_s: keep anything younger than this, so a writer between storing its
@@ -763,10 +948,10 @@ class Registry:
         with self._session() as s:
             live = set(s.exec(select(AdapterVersion.location).where(AdapterVersion.status == "ready")).all())
             live |= set(s.exec(select(RouterVersion.location).where(RouterVersion.status == "ready")).all())
-            live |= set(s.exec(select(Domain.eval_location).where(Domain.eval_location.is_not(None))).all())
-            live |= set(s.exec(select(Domain.train_location).where(Domain.train_location.is_not(None))).all())
-            live |= set(s.exec(select(Domain.validation_location).where(
-                Domain.validation_location.is_not(None))).all())
+            for split in SPLITS:
+                column = getattr(Domain, f"{split}_location")
+                live |= set(s.exec(select(column).where(column.is_not(None))).all())
+            live |= {loc for _, targets in self._coverage(s) for _, loc, _, _ in targets if loc}
         removed = freed = 0
         now = time.time()
         for loc in self.store.locations():
@@ -858,7 +1043,17 @@ class Registry:
 
     # ----------------------------------------------------------------- audits
     def create_audit(self, *, domains: list[str], passed: bool, summary: dict[str, Any],
-                     report_location: str | None = None, mlflow_run_id: str | None = None) -> AuditInfo:
+                     report_location: str | None = None, mlflow_run_id: str | None = None,
+                     covers: list[str] | None = None) -> AuditInfo:
+        """Record an audit.
+
+        Args:
+            covers: exact refs of the versions the audit judged, kept as the summary's
+                `covers`; the production gate reads it together with the audit's figures.
+        """
+        if covers is not None:
+            summary = {**summary, "covers": list(covers)}
+
         def tx():
             with self._session(write=True) as s:
                 row = Audit(domains_json=json.dumps(domains), passed=passed, summary_json=json.dumps(summary),

@@ -47,3 +47,12 @@ class IntegrityError(PlaitError):
 
 class IncompatibleBaseError(BadInputError):
     """An adapter was trained on another base model than the one in use (exit code 2)."""
+
+
+class RefusedError(ConflictError):
+    """A change a safety rule refuses unless the caller forces it (exit code 2).
+
+    Raised for archiving a version a live router or alias still needs, and for promoting to
+    `production` a version no passed audit covered. The message names the rule and the
+    version; `force=True` on the same call overrides it (the CLI's `--force`).
+    """

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from registry.errors import BadInputError, IntegrityError
 
@@ -56,8 +59,25 @@ def tree_digest(root: Path) -> tuple[str, int]:
     return manifest.hexdigest(), total
 
 
+#: bits per element of every dtype the safetensors format defines
+SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8,
+                          "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+                          "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+                          "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
+    """The JSON header of a safetensors file and the offset where its data starts.
+
+    The whole header is checked against the file, so a file that passes can be loaded: a
+    JSON object whose `__metadata__` (optional) maps strings to strings and whose every other
+    entry is a tensor with a known `dtype`, a `shape` of whole numbers >= 0 and `data_offsets`
+    [begin, end] whose length is the dtype's size times the shape's product; the tensors'
+    byte ranges tile the data section exactly (no gap, no overlap, nothing past the end).
+
+    Raises:
+        IntegrityError: the file is not a well-formed safetensors file; names the first fault.
+    """
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -65,11 +85,76 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise IntegrityError(f"{path} is not a safetensors file (header length {n} is implausible)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise IntegrityError(f"{path} is not a safetensors file (header is not JSON: {e})") from None
+        text = f.read(n)
+        file_size = os.fstat(f.fileno()).st_size
+    if len(text) != n:
+        raise IntegrityError(f"{path} is not a safetensors file (its header is cut short: {len(text)} of {n} bytes)")
+    try:
+        header = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path} is not a safetensors file (header is not JSON: {e})") from None
+    _check_safetensors_header(path, header, file_size - 8 - n)
     return header, 8 + n
+
+
+def check_safetensors_folder(folder: Path, what: str) -> None:
+    """Check every safetensors file in an artifact folder before its weights are loaded.
+
+    Raises:
+        IntegrityError: a malformed file, or one without tensors (it would load as an
+            untrained adapter, silently); the message starts with `what`.
+    """
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            header, _ = read_safetensors_header(f)
+        except IntegrityError as e:
+            raise IntegrityError(f"{what}: {e}") from None
+        if not set(header) - {"__metadata__"}:
+            raise IntegrityError(f"{what}: {f.name} holds no tensors; restore its files or archive it")
+
+
+def _check_safetensors_header(path: Path, header: Any, data_size: int) -> None:
+    """Refuse a parsed header that does not describe the `data_size` bytes after it."""
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{path} is not a valid safetensors file ({why}); re-save it with safetensors")
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ must map strings to strings")
+    ranges = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(t, dict) or set(t) - {"dtype", "shape", "data_offsets"} or len(t) != 3:
+            raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}; a shape is a list of whole numbers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}; give [begin, end] with 0 <= begin <= end")
+        bits = SAFETENSORS_DTYPE_BITS[dtype] * math.prod(shape)
+        if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+            raise bad(f"tensor {name!r} ({dtype} {shape}) needs {bits / 8:g} bytes but data_offsets "
+                      f"{offsets} hold {offsets[1] - offsets[0]}")
+        ranges.append((offsets[0], offsets[1], name))
+    at = 0
+    for begin, end, name in sorted(ranges):
+        if begin != at:
+            raise bad(f"tensor {name!r} starts at byte {begin} of the data, expected {at} "
+                      f"(the tensors must cover the data without gaps or overlaps)")
+        at = end
+    if at != data_size:
+        raise bad(f"the tensors cover {at} bytes of data but the file holds {data_size} "
+                  f"({'truncated' if at > data_size else 'trailing bytes'})")
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def base_fingerprint(model_dir: Path) -> str:

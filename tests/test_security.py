@@ -12,6 +12,7 @@ count) and fails naming file:line for:
 from __future__ import annotations
 
 import ast
+import json
 import stat
 from pathlib import Path
 
@@ -232,3 +233,89 @@ def test_workspace_paths_built_from_names_stay_inside(workspace):
     assert sorted(p.name for p in workspace.path.iterdir()) == ["artifacts", "plait.toml", "registry.db"] or \
         set(p.name for p in workspace.path.iterdir()) <= {"artifacts", "plait.toml", "registry.db", "registry.db-wal",
                                                          "registry.db-shm"}
+
+
+# ----------------------------------------------------------------- secrets (issue 15 item 7)
+PG_WITH_PASSWORD = "postgresql+psycopg2://plait:s3cret-pw@db.internal:5432/plait"
+
+
+def _config_only_workspace(root: Path, db_url: str) -> Path:
+    """A workspace folder whose plait.toml names `db_url` (the database is never opened)."""
+    from plait.workspace import WorkspaceConfig
+
+    root.mkdir()
+    (root / "plait.toml").write_text(WorkspaceConfig(base_model="smollm2", db_url=db_url).to_toml())
+    return root
+
+
+def test_plait_toml_is_written_readable_by_its_owner_only(tmp_path, tiny_base):
+    import os
+
+    from plait.workspace import Workspace
+
+    old = os.umask(0o022)  # the usual umask: without care the file would be 0644
+    try:
+        ws = Workspace.init(tmp_path / "ws", base_model=str(tiny_base), tracking_uri="none")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((ws.path / "plait.toml").stat().st_mode) == 0o600
+    (ws.path / "plait.toml").chmod(0o644)  # a workspace made before: init again tightens it
+    Workspace.init(tmp_path / "ws", base_model=str(tiny_base), tracking_uri="none")
+    assert stat.S_IMODE((ws.path / "plait.toml").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("url,shown", [
+    (PG_WITH_PASSWORD, "postgresql+psycopg2://plait:***@db.internal:5432/plait"),
+    ("postgresql://u:p%40ss@h/db", "postgresql://u:***@h/db"),
+    ("http://user:tok@mlflow.internal:5000", "http://user:***@mlflow.internal:5000"),
+    ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+    ("", ""),
+])
+def test_mask_password(url, shown):
+    from plait.workspace import mask_password
+
+    assert mask_password(url) == shown
+
+
+def test_workspace_output_and_messages_never_show_the_password(tmp_path):
+    from plait.workspace import Workspace
+
+    root = _config_only_workspace(tmp_path / "ws", PG_WITH_PASSWORD)
+    ws = Workspace(root)
+    assert ws.db_url == PG_WITH_PASSWORD  # the engine still gets it
+    described = json.dumps(ws.describe())
+    assert "s3cret-pw" not in described and "plait:***@db.internal" in described
+    with pytest.raises(BadInputError) as err:  # init again with other settings: the message names the old ones
+        Workspace.init(root, base_model="other", db_url=PG_WITH_PASSWORD)
+    assert "s3cret-pw" not in str(err.value) and "plait:***@db.internal" in str(err.value)
+
+
+def test_the_password_can_come_from_the_environment(tmp_path, monkeypatch):
+    from plait.workspace import Workspace
+
+    root = _config_only_workspace(tmp_path / "ws", "postgresql+psycopg2://plait@db.internal:5432/plait")
+    monkeypatch.setenv("PLAIT_DB_PASSWORD", "from-env")
+    ws = Workspace(root)
+    assert ws.db_url == "postgresql+psycopg2://plait:from-env@db.internal:5432/plait"
+    assert "from-env" not in (root / "plait.toml").read_text() and "from-env" not in json.dumps(ws.describe())
+    nouser = _config_only_workspace(tmp_path / "nouser", "postgresql+psycopg2://db.internal/plait")
+    with pytest.raises(BadInputError, match="PLAIT_DB_PASSWORD is set but the registry URL .* names no user"):
+        Workspace(nouser).db_url  # noqa: B018
+
+
+@pytest.mark.postgres
+def test_init_with_a_password_prints_it_nowhere(postgres_url, tmp_path, tiny_base, capsys):
+    """A real server (it trusts loopback, so any password connects): text and --json output."""
+    from sqlalchemy.engine import make_url
+
+    from plait.cli import main
+
+    url = make_url(postgres_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    for extra, ws in (([], "a"), (["--json"], "b")):
+        code = main(["init", "--workspace", str(tmp_path / ws), "--base-model", str(tiny_base), "--db", url,
+                     "--tracking-uri", "none", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0 and "s3cret-pw" not in out + err and ":***@" in out
+    assert json.loads(out)["db_url"].count("***") == 1
+    assert stat.S_IMODE((tmp_path / "b" / "plait.toml").stat().st_mode) == 0o600

@@ -95,31 +95,41 @@ def lineage(
         c.print(f"  {e['child']}  <-[{e['relation']}{weight}]-  {parent}")
 
 
+def _forced(call, what: str):
+    """Run a registry call whose safety refusal `--force` overrides; the refusal names the flag."""
+    from registry.errors import RefusedError
+
+    try:
+        return call()
+    except RefusedError as e:
+        raise RefusedError(f"{e.message}; or pass --force to {what} anyway") from None
+
+
+ForceGateOpt = Annotated[bool, typer.Option(
+    help="Promote to production even when no passed audit covered the version (its newest covering audit failed, "
+         "or none covered it).")]
+
+
 @app.command()
 def alias(
     ref: RefArg,
     alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="Alias to set or move, e.g. production.")],
-    force: Annotated[bool, typer.Option(help="Promote to production even when the latest audit failed.")] = False,
+    force: ForceGateOpt = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Point ALIAS at the version REF (create or move it)."""
-    from registry.errors import ConflictError
-
+    """Point ALIAS at the version REF (create or move it); production needs a passed audit of it."""
     reg = open_workspace(workspace).registry
-    if alias_name == "production" and not force:
-        audit = reg.get_latest_audit()
-        if audit is not None and not audit.passed:
-            raise ConflictError(f"the latest audit (#{audit.id}) failed; fix the regression or pass --force "
-                                f"to promote {ref} to production anyway")
-    info = reg.set_alias(ref, alias_name)
+    info = _forced(lambda: reg.set_alias(ref, alias_name, force=force), f"promote {ref}")
     typer.echo(f"{info.name}@{alias_name} -> {info.ref}")
 
 
 @app.command()
 def rollback(name: Annotated[str, typer.Argument(help="Adapter name.")],
-             alias_name: Annotated[str, typer.Argument(metavar="ALIAS")], workspace: WorkspaceOpt = None) -> None:
-    """Move ALIAS back to the version it pointed at before its latest move."""
-    info = open_workspace(workspace).registry.rollback_alias(name, alias_name)
+             alias_name: Annotated[str, typer.Argument(metavar="ALIAS")], force: ForceGateOpt = False,
+             workspace: WorkspaceOpt = None) -> None:
+    """Move ALIAS back to the version it pointed at before its latest move (production: audit gate)."""
+    reg = open_workspace(workspace).registry
+    info = _forced(lambda: reg.rollback_alias(name, alias_name, force=force), f"roll {name}@{alias_name} back")
     typer.echo(f"{info.name}@{alias_name} -> {info.ref}")
 
 
@@ -180,7 +190,7 @@ def export(ref: RefArg, out_dir: Annotated[Path, typer.Argument(metavar="DIR", h
 
 @app.command()
 def verify(json_: JsonOpt = False, workspace: WorkspaceOpt = None) -> None:
-    """Re-hash every stored artifact; exit 1 when any fails its check."""
+    """Re-hash every stored artifact and check every live router's coverage; exit 1 when any fails."""
     report = open_workspace(workspace).registry.verify()
     bad = [r for r in report if not r["ok"]]
     if json_:
@@ -194,16 +204,22 @@ def verify(json_: JsonOpt = False, workspace: WorkspaceOpt = None) -> None:
 
 
 @app.command()
-def archive(ref: RefArg, workspace: WorkspaceOpt = None) -> None:
-    """Archive a version: NAME no longer resolves to it and `gc` may delete its files."""
-    info = open_workspace(workspace).registry.archive(ref)
+def archive(ref: RefArg,
+            force: Annotated[bool, typer.Option(
+                help="Archive even a version a live router covers (gc keeps its files while one does).")] = False,
+            workspace: WorkspaceOpt = None) -> None:
+    """Archive a version: NAME no longer resolves to it, it is no longer served, and `gc` may delete its
+    files once no live router covers it. Refused for aliased versions and (without --force) for versions
+    the newest router, or an audit stage's router, covers."""
+    reg = open_workspace(workspace).registry
+    info = _forced(lambda: reg.archive(ref, force=force), f"archive {ref}")
     typer.echo(f"archived {info.ref}")
 
 
 @app.command()
 def gc(grace: Annotated[float, typer.Option(help="Keep files younger than this many seconds.")] = 600.0,
        workspace: WorkspaceOpt = None) -> None:
-    """Delete artifact files no ready version or router references."""
+    """Delete artifact files no ready version, live router or domain split references."""
     out = open_workspace(workspace).registry.gc(grace_s=grace)
     typer.echo(f"removed {out['artifacts_removed']} artifact(s), {out['bytes_freed']:,} bytes, "
                f"{out['temp_removed']} temp folder(s)")
