@@ -87,13 +87,13 @@ def test_auto_starts_from_the_related_adapter_and_records_it(reg, base, tmp_path
     assert v.parents == [{"ref": "fruit:1", "relation": "warm-start", "weight": None}]
     assert v.config["init"] == "auto" and v.config["warm_start"] == "fruit:1"
     assert v.config["init_candidates"] == pytest.approx(losses)
-    assert auto.metrics["init_seconds"] == pytest.approx(auto.init.seconds)
+    assert v.config["init_seconds"] == pytest.approx(auto.init.seconds) and v.config["init_sample_tokens"] > 0
     assert reg.get_lineage("orchard:1", "up")["edges"][0]["relation"] == "warm-start"
     # the forward transfer bought: the warm start begins (and ends) lower than a fresh adapter
     assert auto.losses[0] < fresh.losses[0] - 0.3
     assert auto.metrics["eval_loss"] < fresh.metrics["eval_loss"]
     assert fresh.init.ref is None and fresh.version.config["init"] == "base"
-    assert "init_seconds" not in fresh.metrics and "init_candidates" not in fresh.version.config
+    assert "init_seconds" not in fresh.version.config and "init_candidates" not in fresh.version.config
     assert fresh.version.parents[0]["relation"] == "trained-from-base"
 
 

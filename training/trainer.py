@@ -725,7 +725,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     ckpt = checkpoint_folder(registry, name, checkpoint_dir)  # held for this run (`_holding_checkpoint_lock`)
     found, state = _checkpoint_to_resume(ckpt) if cfg.resume else (None, None)
     choice, warm = start_from(registry, cfg, method, loaded, train_ex, warm, state, total_steps=total, pad_id=pad_id,
-                              dtype=dtype, batch_size=eval_bs)
+                              batch_size=eval_bs)
     settings = method.read_config(warm[1]) if warm else settings
     _say(choice.describe(), cfg.progress and main)
     run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base),
@@ -775,7 +775,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     all_losses = prior_losses + losses
     tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
     metrics = {"train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
-               "trainable_params": float(trainable_params), **choice.metrics()}
+               "trainable_params": float(trainable_params)}
     if cfg.evaluate:
         after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
         # the base's loss on the same split, through the same code path (adapter switched off),

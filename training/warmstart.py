@@ -83,10 +83,6 @@ class InitChoice:
         return {"init": AUTO, "init_candidates": self.losses, "init_sample_tokens": self.sample_tokens,
                 "init_seconds": self.seconds}
 
-    def metrics(self) -> dict[str, float]:
-        """The version's metrics of the choice (auto only): `init_seconds`."""
-        return {"init_seconds": self.seconds} if self.init == AUTO else {}
-
     def describe(self) -> str:
         """One line for the progress output, e.g. `init auto: warm start from law:2 (3.412 < base 3.980; 2 candidates, 0.8 s)`."""
         if self.init != AUTO:
@@ -161,7 +157,7 @@ def start_from(registry, cfg, method, loaded, examples: list, warm: tuple[Any, P
     Args:
         warm: what `explicit_start` returned.
         resumed: the state of the checkpoint being resumed (its run key holds the choice), or None.
-        score: `choose_init`'s keyword arguments (total_steps, pad_id, dtype, batch_size).
+        score: `choose_init`'s keyword arguments (total_steps, pad_id, batch_size).
 
     Returns:
         (the choice, (VersionInfo, verified folder) of the version to load, or None for a fresh adapter)
@@ -247,7 +243,7 @@ def _take_off(model):
 
 
 def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sample: list, *, pad_id: int,
-                     dtype: str, batch_size: int) -> tuple[dict[str, float], int]:
+                     batch_size: int) -> tuple[dict[str, float], int]:
     """Loss per token on `sample` of the base and of each candidate, put one at a time on the same base.
 
     Returns:
@@ -257,7 +253,10 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
 
     from training.trainer import evaluate
 
-    kw = dict(pad_id=pad_id, batch_size=batch_size, dtype=dtype, method=method)
+    # scored in fp32 whatever the training's dtype: a no-grad forward under CPU bf16 autocast measured 5x
+    # slower than fp32 on the 2-core demo machine (FACTS.md: bf16 speed depends on the machine), and the
+    # choice compares losses with each other, not with the training's numbers
+    kw = dict(pad_id=pad_id, batch_size=batch_size, dtype="fp32", method=method)
     base = evaluate(base_model, sample, **kw)
     losses = {BASE: base["loss"]}
     with torch.random.fork_rng(devices=[]):  # loading draws init values; the fresh adapter's seed stays as it was
@@ -270,7 +269,7 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     return losses, int(base["tokens"])
 
 
-def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: int, pad_id: int, dtype: str,
+def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: int, pad_id: int,
                 batch_size: int) -> InitChoice:
     """Run `auto`: find the candidates, score them and the base, pick the start.
 
@@ -286,8 +285,8 @@ def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: i
         return InitChoice(AUTO, None, {}, 0, time.perf_counter() - t0)
     mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
     sample = sample_examples(examples, len(candidates) + 1, int(total_steps * cfg.batch_size * mean_tokens), cfg.seed)
-    losses, tokens = score_candidates(loaded.model, method, candidates, sample, pad_id=pad_id, dtype=dtype,
-                              batch_size=batch_size)
+    losses, tokens = score_candidates(loaded.model, method, candidates, sample, pad_id=pad_id,
+                                      batch_size=batch_size)
     best = min((ref for ref in losses if ref != BASE), key=lambda r: losses[r])
     chosen = best if losses[best] < losses[BASE] else None
     return InitChoice(AUTO, chosen, losses, tokens, time.perf_counter() - t0)
