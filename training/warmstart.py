@@ -40,6 +40,7 @@ from typing import Any
 
 from registry.errors import BadInputError
 from registry.names import parse_ref
+from training.methods import get_method
 
 AUTO, BASE = "auto", "base"
 #: the domain of the audit's baselines (`plait.audit.BASELINE_DOMAIN`; training may not import plait)
@@ -135,7 +136,6 @@ def explicit_start(registry, cfg) -> tuple[str, tuple[Any, Path] | None]:
         NotFoundError: no such version.
         BadInputError: the version's kind cannot initialise the kind asked for, or --rank/--option are given.
     """
-    from training.methods import get_method
 
     if cfg.from_ref is None:
         return cfg.method or "lora", None
