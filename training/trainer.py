@@ -625,7 +625,6 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     choice, warm = start_from(registry, cfg, method, loaded, train_ex, warm, state, total_steps=total, pad_id=pad_id,
                               batch_size=eval_bs)
     settings = method.read_config(warm[1]) if warm else settings
-    _say(choice.describe(), cfg.progress and main)
     run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base),
                "init_choice": choice.to_dict()}
     run_key = json.loads(json.dumps(run_key, default=str))
@@ -649,6 +648,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
     else:
         model = method.attach(loaded.model, settings)
     trainable_params = check_only_adapter_trainable(model, base_params)
+    _say(choice.describe(), cfg.progress and main)  # once the adapter is on: a bad option prints its error alone
     optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
 
     if cfg.resume:
