@@ -751,6 +751,7 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         model = method.attach(loaded.model, settings)
     _say(choice.describe(), cfg.progress and main)  # once the adapter is on: a bad option prints its error alone
     trainable_params = check_only_adapter_trainable(model, base_params)
+    _say(choice.describe(), cfg.progress and main)  # once the adapter is on: a bad option prints its error alone
     optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
 
     if cfg.resume:
