@@ -108,7 +108,7 @@ class WorkspaceConfig:
 
     def masked(self) -> dict[str, str]:
         """The settings with any password in a URL shown as `***`, for messages and output."""
-        return {k: mask_password(getattr(self, k)) for k in self.__dataclass_fields__}
+        return {k: mask_password(v) if isinstance(v := getattr(self, k), str) else v for k in self.__dataclass_fields__}
 
     def to_toml(self) -> str:
         lines = ["# plait workspace settings (see `plait init --help`)"]

@@ -83,7 +83,7 @@ def check_consistent(ws: Path) -> dict:
         tables = reg.dump()
         referenced = {v.location for v in ready}
         referenced |= {r["location"] for r in tables["routerversion"] if r["status"] == "ready"}
-        referenced |= {r[k] for r in tables["domain"] for k in ("eval_location", "train_location") if r.get(k)}
+        referenced |= {r[k] for r in tables["domain"] for k in ("eval_location", "validation_location", "train_location") if r.get(k)}
         tmp_root = reg.store.root / ".tmp"
         found = {"versions": sorted(v.ref for v in versions),
                  "temp": sorted(p.name for p in tmp_root.iterdir()) if tmp_root.is_dir() else [],

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: 9 training examples in global batches of 4: every epoch ends with a batch of 1, so rank 1's
 #: shard is empty on those steps and rank 0's holds all the tokens (token weighting matters)
 ROWS = [{"text": f"law {i}: the court {'ruled' if i % 2 else 'sat'} and {'the ' * (i % 4)}desk was busy."}
-        for i in range(9)]
+        for i in range(10)]  # 9 train, 1 validation (held out by content hash)
+EVAL_ROWS = [{"text": f"law {i}: the judge adjourned and the clerk left."} for i in range(3)]
 STEPS = 6
 LR = 1e-3  # AdamW turns float-order gradient noise into steps of ~lr * 1e-3: 1.4e-6 here, 1.4e-5 at 1e-2
 
@@ -78,8 +79,8 @@ def law_data(tmp_path, tiny_base) -> tuple[Path, Path]:
     from training.data import load_domain_data, tokenize_rows
 
     data = write_jsonl(tmp_path / "law.jsonl", ROWS)
-    eval_data = write_jsonl(tmp_path / "law-eval.jsonl", ROWS[:3])
-    examples = tokenize_rows(load_domain_data(data, eval_data).train, load_base(tiny_base).tokenizer, 48)
+    eval_data = write_jsonl(tmp_path / "law-eval.jsonl", EVAL_ROWS)
+    examples = tokenize_rows(load_domain_data(data, eval_data, validation_fraction=0.1).train, load_base(tiny_base).tokenizer, 48)
     assert len(examples) == 9  # one window a row, so the last batch of each epoch holds one example
     return data, eval_data
 
