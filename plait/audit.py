@@ -455,7 +455,7 @@ def _baselines(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices,
     if "sequential" in baselines:
         matrices["sequential"], info["sequential"] = _sequential(ws, aud, plan, stored, lr)
     if "merged" in baselines:
-        stage_of = {k: st.info for k, st in plan.stages.items()}
+        stage_of = dict(plan.stages)
         matrices["merged"], info["merged"] = _merged(ws, aud, plan.order, plan.all_domains, stage_of,
                                                      matrices["base"], merge, aud.log)
     if "joint" in baselines:
@@ -683,10 +683,12 @@ def _merged(ws, aud, order, all_domains, stage_of, base_R, method, log
     stages, loaded_here = [], []
     for i, d_i in enumerate(order):
         stage = all_domains.index(d_i)
-        info = stage_of.get(stage)
-        if info is None:
+        st = stage_of.get(stage)
+        if st is None:
             continue
-        versions = [reg.get_version(r) for r in info.covers]
+        # each covered domain's OWN version (not the one the router serves it with: a re-pointed
+        # domain would put one adapter into the merge twice and leave its own adapter out)
+        versions = [reg.get_version(r) for r in dict.fromkeys(st.own.get(d) or st.refs[d] for d in st.refs)]
         loras = [v for v in versions if v.kind in mergeable_kinds()]
         unmerged = [v for v in versions if v.kind not in mergeable_kinds()]
         skipped = [v.ref for v in unmerged]

@@ -178,7 +178,7 @@ def _audit(ws, settings: DemoSettings, baselines: tuple[str, ...], c):
     audit = run_audit(ws, baselines=baselines, max_length=settings.max_length,
                       log=lambda msg: c.print(msg, style="dim"))
     figures = ", ".join(f"{x} {audit.metrics[x]['max_forgetting']:+.4f}" for x in ("own", "routed", *baselines)
-                        if x in audit.metrics)
+                        if audit.metrics.get(x, {}).get("max_forgetting") is not None)
     c.print(f"audit #{audit.audit_id}: {'passed' if audit.passed else 'FAILED'}; max forgetting {figures} nats")
     return audit
 
@@ -319,8 +319,7 @@ def _print_summary(c, s: dict) -> None:
     for x in systems:
         mm = s["metrics"][x]
         m.add_row(x, f"{mm['acc']:.3f}", *([f"{s['acc'][x]['bbc']:.3f}"] if has_bbc else []),
-                  *("-" if mm.get(k) is None else f"{mm[k]:+.4f}" for k in ("bwt", "fwt")),
-                  f"{mm['max_forgetting']:+.4f}")
+                  *("-" if mm.get(k) is None else f"{mm[k]:+.4f}" for k in ("bwt", "fwt", "max_forgetting")))
     c.print(m)
     style = {"PASS": "green", "MISS": "red", "n/a": "yellow"}
     k = Table("figure", "value", "target", "", title="issue 13's targets on this run")
