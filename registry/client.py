@@ -18,6 +18,12 @@ composes them:
 - `registry.audits`: audit records;
 - `registry.maintenance`: PEFT import/export, verify, gc, dump;
 - `registry.sync`: the MLflow run link and `sync_mlflow`.
+
+The parts are mixins over one context rather than objects the facade forwards to: every
+public method keeps its one signature and docstring where it is implemented, and a class-level
+patch of a `Registry` method (as tests do) is what every caller sees. A part reaches another
+only through `self`: `archive` and `verify` ask `Routers._live_routers` which routers are live,
+`import_peft` calls `register_version`, and `sync_mlflow` reads versions, metrics and artifacts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Keeping the registry whole: PEFT import and export, verifying every artifact and live
-router's coverage, garbage-collecting unreferenced artifacts, and a dump of every table."""
+router's coverage, garbage-collecting unreferenced artifacts, and a dump of every table.
+"""
 
 from __future__ import annotations
 

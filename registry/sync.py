@@ -1,5 +1,6 @@
 """The registry's link to MLflow: recording a version's run and bringing MLflow level with the
-registry (the registry stays the system of record; `RegistryContext._mirror` only warns)."""
+registry (the registry stays the system of record; `RegistryContext._mirror` only warns).
+"""
 
 from __future__ import annotations
 

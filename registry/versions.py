@@ -3,7 +3,8 @@ reading their verified artifact, and archiving them.
 
 Writes store the artifact first (atomic, content-addressed) and then commit the version row,
 so a version is never visible before its files are complete; a crash between the two leaves
-an unreferenced artifact that `gc` removes."""
+an unreferenced artifact that `gc` removes.
+"""
 
 from __future__ import annotations
 
