@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from registry.client import VersionInfo
+    from registry.entities import VersionInfo
 
 TRAIN_EXPERIMENT = "plait-train"
 AUDIT_EXPERIMENT = "plait-audit"
