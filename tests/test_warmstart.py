@@ -22,7 +22,7 @@ from tests.train_helpers import write_jsonl
 from training.methods import get_method
 from training.trainer import TrainConfig, train_domain
 from training.warmstart import (BASELINE_DOMAIN, MAX_SAMPLE_TOKENS, SCORE_SHARE, find_candidates,
-                                sample_examples)
+                                sample_examples, score_candidates)
 
 
 def apple_rows(n: int = 24, offset: int = 0) -> list[dict]:
@@ -144,6 +144,54 @@ def test_candidates_are_newest_real_versions_of_a_kind_that_can_seed(reg, base, 
     assert refs("lora", {"r": 4}) == ["four:1", "fruit:2"] and refs("lora", {"r": 8}) == []
     assert refs("lora", {"target_modules": ["v_proj", "q_proj"]}) == ["four:1", "fruit:2"]
     assert refs("lora", {"target_modules": ["q_proj"]}) == []
+
+
+def _noisy_bottleneck(base: Path, out: Path, seed: int) -> Path:
+    """A bottleneck artifact whose weights all differ from their init (a fresh one leaves outputs unchanged)."""
+    method = get_method("bottleneck")
+    model = method.attach(method.load_base(base).model, method.make_config(reduction_factor=4))
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return method.save(model, out)
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_stacked_scores_equal_the_one_at_a_time_scores(reg, tiny_base, tiny_loras, tmp_path, kind):
+    """The candidates held side by side in the engine stackers score what peft-loading each one scores."""
+    from training.base import fingerprint
+    from training.data import Example
+    from training.methods._stacking import LinearSite
+
+    fp = fingerprint(tiny_base)
+    if kind == "lora":  # a QLoRA candidate too: LoRA and QLoRA share one stacker (and seed each other)
+        for i, files in enumerate(tiny_loras[:3]):
+            reg.register_version(f"d{i}", domain=f"d{i}", kind="qlora" if i == 1 else "lora", files=files,
+                                 base_fingerprint=fp)
+    else:
+        for i in range(2):
+            reg.register_version(f"b{i}", domain=f"b{i}", kind="bottleneck", base_fingerprint=fp,
+                                 files=_noisy_bottleneck(tiny_base, tmp_path / f"bn{i}", seed=i))
+    method = get_method(kind)
+    candidates = find_candidates(reg, method, fp, {})
+    model = method.load_base(tiny_base).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = [Example(tuple(range(3 + i, 30 + i)), tuple([-100] * 2 + list(range(5 + i, 30 + i))))
+              for i in range(5)]
+    kw = dict(pad_id=0, batch_size=2)
+    stacked, tokens = score_candidates(model, method, candidates, sample, **kw)
+    one_by_one, tokens2 = score_candidates(model, method, candidates, sample, stacked=False, **kw)
+    assert set(stacked) == {"base", *(info.ref for info, _ in candidates)} and len(stacked) == (4 if kind == "lora" else 3)
+    assert tokens == tokens2 == 5 * 25
+    for ref, loss in one_by_one.items():
+        assert stacked[ref] == pytest.approx(loss, abs=1e-5), ref
+        assert ref == "base" or abs(loss - one_by_one["base"]) > 1e-3  # each candidate changes the outputs
+    # the stackers took everything off again: the bare base, its weights untouched
+    assert not any(isinstance(m, LinearSite) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert score_candidates(model, method, candidates, sample, **kw)[0] == stacked  # and scores the same again
 
 
 def test_a_bottleneck_is_never_scored_for_a_lora(reg, base, tmp_path):
