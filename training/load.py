@@ -1,8 +1,9 @@
 """Load a registered adapter version onto its base, and score models on domain data.
 
-The entry points the router, the composition engine and the forgetting audit use to get a
-trained adapter back: the artifact is read only through `Registry.artifact_path` (its sha256
-checked), and only onto a base with the fingerprint it was trained on.
+A helper for Python callers and the tests (the router, the composition engine and the audit
+serve versions through `routing.engine` instead): a trained adapter back as a peft/hooked model
+for inspection or further scoring. The artifact is read only through `Registry.artifact_path`
+(its sha256 checked), and only onto a base with the fingerprint it was trained on.
 """
 
 from __future__ import annotations

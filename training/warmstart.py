@@ -252,7 +252,8 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     from training.trainer import evaluate
 
     # scored in fp32 whatever the training's dtype: a no-grad forward under CPU bf16 autocast measured 5x
-    # slower than fp32 on the 2-core demo machine (FACTS.md: bf16 speed depends on the machine), and the
+    # slower than fp32 on the 2-core demo machine (bf16 speed depends on the machine: a CPU with
+    # avx512_bf16 but no AMX ran a bf16 matmul at about half the fp32 speed), and the
     # choice compares losses with each other, not with the training's numbers
     kw = dict(pad_id=pad_id, batch_size=batch_size, dtype="fp32", method=method)
     base = evaluate(base_model, sample, **kw)
