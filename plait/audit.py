@@ -68,9 +68,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plait.continual import AUDIT_CONTROL
+from plait.datasets import AUDIT_CONTROL
 from plait.forgetting import continual_metrics, final_stage_metrics
 from registry.errors import BadInputError, NotFoundError
+from registry.names import BASELINE_DOMAIN, whole_number
+from training.data import DEFAULT_MAX_LENGTH
 from training.merge import check_method
 
 SYSTEMS = ("base", "own", "routed")
@@ -78,11 +80,9 @@ BASELINES = ("sequential", "merged", "joint")
 #: systems that exist only after the last stage (one matrix row; no BWT, FWT or forgetting)
 ONE_STAGE = ("joint",)
 #: tokens per eval text of a workspace's first audit, unless given
-DEFAULT_MAX_LENGTH = 256
 SEQUENTIAL = "sequential-baseline"
 MERGED = "merged-baseline"
 JOINT = "joint-baseline"
-BASELINE_DOMAIN = "plait-baselines"
 #: seeds the joint baseline's shuffle of the domains' rows, and every baseline's training
 BASELINE_SEED = 0
 #: outputs of an unchanged adapter on its own eval set must reproduce to this (nats)
@@ -283,8 +283,7 @@ class _Auditor:
         return self.rm.ensure_adapter(ref, allow_archived=True)
 
     def stage_router(self, router_info):
-        from plait.continual import router_runtime
-        from routing.routers import load_router, read_files
+        from routing.routers import load_router, read_files, router_runtime
 
         if router_info.id not in self.routers:
             self.routers[router_info.id] = load_router(read_files(self.reg.router_path(router_info)),
@@ -523,8 +522,8 @@ def _store(ws, aud: _Auditor, plan: _Plan, result: AuditResult, max_length: int,
 
 def _audit_length(reg, max_length: int | None) -> int:
     """The eval length of this audit: the one earlier audits used, which an explicit value must match."""
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise BadInputError(f"--max-length {max_length!r} must be a whole number >= 2 (tokens per eval text)")
+    if max_length is not None:
+        whole_number(max_length, "max length (tokens per eval text)", 2, example=DEFAULT_MAX_LENGTH)
     earlier = [a.summary["max_length"] for a in reg.search_audits() if "max_length" in a.summary]
     if not earlier:
         return max_length or DEFAULT_MAX_LENGTH
@@ -573,7 +572,7 @@ def _domain_settings(reg, domain: str) -> dict[str, int]:
     own = sorted(reg.search_versions(domain=domain), key=lambda v: v.created_at)
     cfg = own[-1].config if own else {}
     return {"steps": cfg.get("steps") or 20, "batch_size": cfg.get("batch_size", 4),
-            "max_length": cfg.get("max_length", 256)}
+            "max_length": cfg.get("max_length", DEFAULT_MAX_LENGTH)}
 
 
 def _baseline_versions(reg, name: str) -> list:

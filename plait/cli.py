@@ -15,6 +15,7 @@ import typer
 
 from plait.commands import registry as registry_cmd
 from plait.commands import audit as audit_cmd
+from plait.commands._common import with_flags
 from plait.commands import demo as demo_cmd
 from plait.commands import route as route_cmd
 from plait.commands import serve as serve_cmd
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlaitError as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {with_flags(str(e))}", err=True)
         return e.exit_code
     except exit_ as e:
         return e.exit_code

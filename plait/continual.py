@@ -24,32 +24,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plait.datasets import CONTROL_TEXTS
+from plait.audit import run_audit
+from plait.datasets import AUDIT_CONTROL, CALIBRATION_CONTROL  # noqa: F401 - AUDIT_CONTROL: re-exported
 from registry.errors import BadInputError, NotFoundError, StaleRouterError
+from registry.names import BASELINE_DOMAIN
+from routing.routers import ROUTER_TEXT_CHARS, router_runtime, row_input  # noqa: F401 - re-exported
 from training.data import VALIDATION_MAX_ROWS
 
 #: how many training texts of a domain the router learns from (prototypes and word counts have a
 #: fixed size whatever the number; the embedding router's kNN bank keeps one vector per text)
 ROUTER_TEXTS_PER_DOMAIN = 1024
-#: how much of each text a router sees (the encoders truncate further; word counts use it all)
-ROUTER_TEXT_CHARS = 8000
-#: the control texts used to calibrate the router's fallback threshold; the audit uses the
-#: other half (CONTROL_TEXTS[1::2]), so the threshold is never judged on its own data
-CALIBRATION_CONTROL = CONTROL_TEXTS[0::2]
-AUDIT_CONTROL = CONTROL_TEXTS[1::2]
-
-
-def row_input(row: Any, max_chars: int = ROUTER_TEXT_CHARS) -> str:
-    """What a router sees of a data row: its text, or its prompt."""
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
-    return (get("text") or get("prompt") or "")[:max_chars]
-
-
-def row_dict(row: Any) -> dict[str, str]:
-    """A data row as the JSON object stored in a domain's frozen eval set."""
-    if isinstance(row, dict):
-        return {k: v for k, v in row.items() if k in ("text", "prompt", "completion") and v is not None}
-    return {k: getattr(row, k) for k in ("text", "prompt", "completion") if getattr(row, k, None) is not None}
 
 
 @dataclass
@@ -66,15 +50,6 @@ class AddDomainResult:
         if self.audit is not None:
             out["audit"] = self.audit.summary()
         return out
-
-
-def router_runtime(kind: str, engine=None) -> dict[str, Any]:
-    """The live objects a router kind scores with (none for the text routers: hybrid, embedding, lexical)."""
-    if kind in ("perplexity", "arrow"):
-        if engine is None:
-            raise BadInputError(f"the {kind} router needs the base model loaded; use it through plait.RoutedModel")
-        return {"scorer": engine} if kind == "perplexity" else {"model": engine.model, "tokenizer": engine.tokenizer}
-    return {}
 
 
 def heldout_texts(reg, domain: str) -> tuple[list[str], str]:
@@ -208,8 +183,6 @@ class Repoint:
 def can_serve_others(info) -> bool:
     """Whether version `info` may be re-pointed to: a real domain's trained version, never a
     baseline of the audit (domain `plait-baselines`) nor an imported adapter."""
-    from plait.audit import BASELINE_DOMAIN
-
     return info.domain != BASELINE_DOMAIN and not any(p.get("relation") == "import" for p in info.parents)
 
 
@@ -360,7 +333,7 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
     try:
         reg.get_domain_rows(domain, "train")
     except NotFoundError:
-        reg.set_domain_rows(domain, "train", [row_dict(r) for r in dd.train])
+        reg.set_domain_rows(domain, "train", [r.normalised() for r in dd.train])
     margin = ws.config.repoint_margin
     losses = ValidationLosses(ws, config.max_length)
     try:
@@ -381,7 +354,6 @@ def add_domain(ws, domain: str, data: str | Path, eval_data: str | Path | None =
             log(line)
     out = AddDomainResult(result, router, repointed=moves, validation_seconds=losses.seconds)
     if audit:
-        from plait.audit import run_audit
 
         out.audit = run_audit(ws, **(audit_options or {}))
     return out

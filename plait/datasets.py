@@ -77,6 +77,10 @@ CONTROL_TEXTS = [
     "How many cups of flour do I need for a dozen pancakes?",
     "What is the best way to keep basil fresh in the kitchen?",
 ]
+#: the control texts used to calibrate the router's fallback threshold (`plait.continual`); the
+#: audit judges the fallback on the other half, so the threshold is never judged on its own data
+CALIBRATION_CONTROL = CONTROL_TEXTS[0::2]
+AUDIT_CONTROL = CONTROL_TEXTS[1::2]
 
 
 @dataclass(frozen=True)

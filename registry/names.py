@@ -20,6 +20,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: the largest version number: versions are 32-bit INTEGER columns on PostgreSQL (and SQLite
 #: overflows at 2**63), so a larger number is bad input, not a database failure
 MAX_VERSION = 2**31 - 1
+#: the domain the audit registers its baselines under (sequential, merged, joint): not a user
+#: domain, so it is never audited, warm-started from, or used to serve another domain. The
+#: registry owns domains, so the name lives here for every layer (training may not import plait).
+BASELINE_DOMAIN = "plait-baselines"
 _NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '..', spaces or control characters)"
 
 
@@ -32,6 +36,23 @@ def validate_name(value: object, what: str = "name") -> str:
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
         raise BadInputError(f"invalid {what} {value!r}: {_NAME_RULE}")
+    return value
+
+
+def whole_number(value: object, what: str, minimum: int = 0, example: int | None = None) -> int:
+    """Return `value` if it is a whole number >= `minimum`, else raise `BadInputError` naming it.
+
+    The one check for "a whole number >= N" (booleans are refused: `True` is not a count).
+
+    Args:
+        value: the candidate.
+        what: what the value is ("max length", "LoRA rank", ...), used in the message.
+        minimum: the smallest value allowed.
+        example: a good value shown in the message, e.g. 256.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = f" (e.g. {example})" if example is not None else ""
+        raise BadInputError(f"{what} {value!r} is invalid: use a whole number >= {minimum}{hint}")
     return value
 
 

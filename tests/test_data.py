@@ -136,6 +136,6 @@ def test_missing_and_empty_sources(tmp_path):
         read_rows(tmp_path / "empty")
     with pytest.raises(BadInputError) as e:
         load_domain_data(write_jsonl(tmp_path / "one.jsonl", ROWS[:1]))
-    assert "hold-out needs at least 2 rows, or give an eval file (--eval)" in str(e.value)
+    assert "hold-out needs at least 2 rows, or give an eval file" in str(e.value)
     with pytest.raises(BadInputError, match="max length 1 is invalid"):
         tokenize_rows([Row(text="abc")], byte_tokenizer(), 1)

@@ -134,7 +134,7 @@ def _merged(world, weights: dict[str, float]):
 
 
 def _with_bottleneck_hooks(model, world, weights: dict[str, float]):
-    """Reference bottleneck hooks written straight from the TEAM.md definition."""
+    """Reference bottleneck hooks written straight from the definition in training/methods/bottleneck.py's docstring."""
     acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
     per_module: dict[str, list] = {}
     for name, w in weights.items():

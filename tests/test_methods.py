@@ -178,7 +178,7 @@ def _packed_layers(model) -> int:
 
 
 def test_qlora_trains_after_an_eval_mode_no_grad_evaluation(tiny_base):
-    """FACTS.md trap: an eval-mode no-grad forward used to repack the 4-bit weights and cut LoRA's gradients."""
+    """The 4-bit repacking trap (training/methods/qlora.py): an eval-mode no-grad forward used to repack the 4-bit weights and cut LoRA's gradients."""
     method, settings, base = fresh(tiny_base, "qlora", {})
     assert base.quantized and getattr(base.model, "is_loaded_in_4bit", False)
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_qlora_guard_undoes_a_repack_and_the_trainer_catches_a_missing_gradient(
 
     if not has_avx512bf16():
         pytest.skip("the repacking only happens on CPUs with AVX512-BF16")
-    # FACTS.md's case: LoRA on q/v only, whose gradient must pass through the 4-bit o_proj
+    # the trap's case: LoRA on q/v only, whose gradient must pass through the 4-bit o_proj
     method, settings, base = fresh(tiny_base, "qlora", {"target_modules": ["q_proj", "v_proj"]})
     model = method.attach(base.model, settings)
     for m in model.modules():

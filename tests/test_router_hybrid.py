@@ -135,7 +135,7 @@ def test_hybrid_threshold_sends_out_of_domain_to_base_and_round_trips():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"embed_chars": 4}, "embed_chars=4 must be an integer >= 16 (e.g. 250)"),
+    ({"embed_chars": 4}, "embed_chars 4 is invalid: use a whole number >= 16 (e.g. 250)"),
     ({"lexical_weight": -1}, "lexical_weight=-1 must be a number >= 0 (e.g. 1.0)"),
     ({"alpha": -0.1}, "alpha=-0.1 must be a positive number (e.g. 0.03)"),
 ])

@@ -237,9 +237,9 @@ def test_init_settings_are_checked():
     assert TrainConfig().init == "base" and TrainConfig(from_ref="law:2").init == "law:2"
     assert TrainConfig(init="law@prod").from_ref == "law@prod"
     assert TrainConfig(init="law:2", from_ref="law:2").from_ref == "law:2"
-    with pytest.raises(BadInputError, match="--init base and --from law:2 disagree"):
+    with pytest.raises(BadInputError, match="init base and from_ref law:2 disagree"):
         TrainConfig(init="base", from_ref="law:2")
-    with pytest.raises(BadInputError, match="--init 'law:02' is invalid: use auto, base or a version"):
+    with pytest.raises(BadInputError, match="init 'law:02' is invalid: use auto, base or a version"):
         TrainConfig(init="law:02")
 
 

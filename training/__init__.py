@@ -5,6 +5,7 @@
                      artifact format, detection and serving stacker)
 - `training.data`     domain data: formats, checks, eval split, fingerprint, tokenization
 - `training.trainer`  the incremental trainer (`train_domain`, `TrainConfig`, `evaluate`)
-- `training.load`     a registered version back onto its base (`load_version`, `eval_loss`)
+- `training.load`     a registered version back onto its base (`load_version`, `eval_loss`; for
+                     Python callers and tests: serving goes through `routing.engine`)
 - `training.merge`    several LoRAs merged into one with peft (`merge_loras`: cat, ties, linear)
 """

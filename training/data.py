@@ -28,10 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, NotFoundError
+from registry.names import whole_number
 
 MAX_ROW_BYTES = 1_000_000
 FORMATS = ".jsonl, .json (one object per line), .csv, .parquet, or a folder of .txt files"
 IGNORE_INDEX = -100
+#: tokens per example (training) and per eval text (audit) unless a run says otherwise: the one
+#: default the CLI options, the trainer's settings and the audit share
+DEFAULT_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -337,10 +341,10 @@ def load_domain_data(data: str | Path, eval_data: str | Path | None = None, eval
     file_eval = read_rows(eval_data) if eval_data is not None else []
     eval_rows: list[Row] | None = _frozen_rows(frozen.get("eval"), f"{data}: frozen eval")
     source = "frozen"
-    if not eval_rows:  # a retrain keeps the frozen set (an --eval file's rows are then only kept out of train)
+    if not eval_rows:  # a retrain keeps the frozen set (an eval file's rows are then only kept out of train)
         eval_rows, source = (file_eval, "file") if eval_data is not None else (None, "held-out")
     if eval_rows is None and len(rows) < 2:
-        raise BadInputError(f"{data} has {len(rows)} row; hold-out needs at least 2 rows, or give an eval file (--eval)")
+        raise BadInputError(f"{data} has {len(rows)} row; hold-out needs at least 2 rows, or give an eval file")
     validation = _frozen_rows(frozen.get("validation"), f"{data}: frozen validation")
     held = {_content_key(r) for r in [*(eval_rows or []), *file_eval, *validation]}
     keys = sorted({k for k in map(_content_key, rows) if k not in held})
@@ -350,7 +354,7 @@ def load_domain_data(data: str | Path, eval_data: str | Path | None = None, eval
     if len(keys) < n_eval + n_val + 1:
         need = " + ".join(f"{n} {what}" for n, what in ((n_eval, "eval"), (n_val, "validation")) if n)
         raise BadInputError(f"{data} has {len(keys)} distinct row(s) left to split, too few to hold out {need} and "
-                            f"keep one to train on; add rows, give an eval file (--eval), or lower the fractions"
+                            f"keep one to train on; add rows, give an eval file, or lower the fractions"
                             if need else f"{data} has no row left to train on: every row is in the domain's frozen "
                             f"eval or validation set; give new rows")
     if eval_rows is None:
@@ -394,8 +398,7 @@ def tokenize_rows(rows: list[Row], tokenizer, max_length: int) -> list[Example]:
     Raises:
         BadInputError: `max_length` < 2, or no row has a token to learn from.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise BadInputError(f"max length {max_length!r} is invalid: use a whole number >= 2 (e.g. 256)")
+    whole_number(max_length, "max length", 2, example=DEFAULT_MAX_LENGTH)
     eos = tokenizer.eos_token_id
     out: list[Example] = []
     for row in rows:
@@ -416,7 +419,7 @@ def tokenize_rows(rows: list[Row], tokenizer, max_length: int) -> list[Example]:
                 out.append(Example(tuple(ids), tuple(labels)))
     if not out:
         raise BadInputError(f"no row has a token to learn from at max length {max_length}; "
-                            f"raise --max-length or shorten the prompts")
+                            f"raise the max length or shorten the prompts")
     return out
 
 

@@ -1,8 +1,9 @@
 """Load a registered adapter version onto its base, and score models on domain data.
 
-The entry points the router, the composition engine and the forgetting audit use to get a
-trained adapter back: the artifact is read only through `Registry.artifact_path` (its sha256
-checked), and only onto a base with the fingerprint it was trained on.
+A helper for Python callers and the tests (the router, the composition engine and the audit
+serve versions through `routing.engine` instead): a trained adapter back as a peft/hooked model
+for inspection or further scoring. The artifact is read only through `Registry.artifact_path`
+(its sha256 checked), and only onto a base with the fingerprint it was trained on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from training.base import LoadedBase, check_compatible
-from training.data import Row, load_domain_data, read_rows, tokenize_rows
+from training.data import DEFAULT_MAX_LENGTH, Row, load_domain_data, read_rows, tokenize_rows
 from training.methods import get_method
 from training.trainer import evaluate, resolve_dtype
 
@@ -45,7 +46,7 @@ def load_version(registry, ref: str, base: str | os.PathLike | LoadedBase, *, tr
     return model, info, loaded
 
 
-def eval_loss(model, tokenizer, data: str | os.PathLike | list[Row], *, max_length: int = 256, batch_size: int = 8,
+def eval_loss(model, tokenizer, data: str | os.PathLike | list[Row], *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
               dtype: str = "auto", kind: str | None = None) -> dict[str, float]:
     """Mean next-token loss and perplexity of `model` on rows (a data file/folder or a list of rows).
 

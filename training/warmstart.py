@@ -42,12 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError
-from registry.names import parse_ref
+from registry.names import BASELINE_DOMAIN, parse_ref  # noqa: F401 - BASELINE_DOMAIN: re-exported
 from training.methods import get_method
 
 AUTO, BASE = "auto", "base"
-#: the domain of the audit's baselines (`plait.audit.BASELINE_DOMAIN`; training may not import plait)
-BASELINE_DOMAIN = "plait-baselines"
 #: the most candidates one `auto` pass scores (the newest versions first)
 MAX_CANDIDATES = 8
 #: the share of the training's compute the scoring pass may cost
@@ -110,12 +108,12 @@ def check_init(init: str | None, from_ref: str | None) -> str:
         try:
             parse_ref(init)
         except BadInputError as e:
-            raise BadInputError(f"--init {init!r} is invalid: use auto, base or a version NAME[:N|@ALIAS] ({e})") \
+            raise BadInputError(f"init {init!r} is invalid: use auto, base or a version NAME[:N|@ALIAS] ({e})") \
                 from None
     if from_ref is not None:
         parse_ref(from_ref)
         if init is not None and init != from_ref:
-            raise BadInputError(f"--init {init} and --from {from_ref} disagree: --from REF means --init REF; "
+            raise BadInputError(f"init {init} and from_ref {from_ref} disagree: from_ref REF means init REF; "
                                 f"give one of them")
         return from_ref
     return init or BASE
@@ -309,7 +307,8 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     from training.trainer import evaluate
 
     # scored in fp32 whatever the training's dtype: a no-grad forward under CPU bf16 autocast measured 5x
-    # slower than fp32 on the 2-core demo machine (FACTS.md: bf16 speed depends on the machine), and the
+    # slower than fp32 on the 2-core demo machine (bf16 speed depends on the machine: a CPU with
+    # avx512_bf16 but no AMX ran a bf16 matmul at about half the fp32 speed), and the
     # choice compares losses with each other, not with the training's numbers
     kw = dict(pad_id=pad_id, batch_size=batch_size, dtype="fp32", method=method)
     base = evaluate(base_model, sample, **kw)

@@ -17,6 +17,27 @@ WorkspaceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 
 
+#: how the settings that lower layers (registry/, training/, routing/) name in their errors read
+#: on the command line: those layers name values and facts (`init`, `from_ref` are TrainConfig
+#: fields), never CLI flags; `with_flags` puts the flag in. (setting, its CLI spelling, the flag)
+SETTING_FLAGS = [("init", "--init", "--init"), ("from_ref", "--from", "--from"),
+                 ("an eval file", "an eval file (--eval)", "--eval"),
+                 ("the max length", "the max length (--max-length)", "--max-length")]
+
+
+def with_flags(message: str) -> str:
+    """`message` as the CLI prints it: each setting it names (a whole word, not already a flag)
+    spelled as its flag, e.g. "init base and from_ref law:1 disagree" -> "--init base and --from
+    law:1 disagree". A flag the message already names is left alone."""
+    import re
+
+    for name, spelling, flag in SETTING_FLAGS:
+        if flag not in message:
+            # never inside a word or a flag, nor the command `plait init`
+            message = re.sub(rf"(?<![-\w])(?<!plait ){re.escape(name)}(?![-\w])", spelling, message)
+    return message
+
+
 def open_workspace(path: Path | None):
     from plait.workspace import Workspace
 

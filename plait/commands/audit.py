@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from plait.commands._common import JsonOpt, WorkspaceOpt, console, open_workspace, print_json
+from training.data import DEFAULT_MAX_LENGTH
 
 
 def print_audit(result) -> None:
@@ -83,8 +84,8 @@ def audit(
     max_forgetting: Annotated[float, typer.Option(
         "--max-forgetting", help="Largest allowed forgetting of own/routed, in nats of mean token loss.")] = 0.05,
     max_length: Annotated[int | None, typer.Option(
-        "--max-length", help="Tokens per eval text (default: what earlier audits of the workspace used, 256 for "
-        "the first; a different value than earlier audits' is refused).")] = None,
+        "--max-length", help="Tokens per eval text (default: what earlier audits of the workspace used, "
+        f"{DEFAULT_MAX_LENGTH} for the first; a different value than earlier audits' is refused).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: WORKSPACE/audits/ID).")] = None,
     json_: JsonOpt = False,
     workspace: WorkspaceOpt = None,

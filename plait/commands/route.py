@@ -16,7 +16,7 @@ TopK = Annotated[int, typer.Option("--top-k", help="Blend the k most likely doma
 
 
 def _inputs(texts: list[str] | None, file: Path | None) -> list[str]:
-    from plait.continual import row_input
+    from routing.routers import row_input
     from registry.errors import BadInputError
 
     out = list(texts or [])

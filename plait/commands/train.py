@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from plait.commands._common import JsonOpt, WorkspaceOpt, console, open_workspace, print_json, short
+from training.data import DEFAULT_MAX_LENGTH
 from training.methods import kind_names
 
 
@@ -53,7 +54,7 @@ def train(
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).")] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Examples per step (the global batch when data-parallel).")] = 4,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 256,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = DEFAULT_MAX_LENGTH,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: the kind's, 2e-4 for LoRA kinds, 1e-3 for bottleneck).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Adapter rank: LoRA kinds' r, a bottleneck's size.")] = None,
     dtype: Annotated[DtypeName, typer.Option("--dtype", help="auto = bf16 where the hardware is fast at it.")]

@@ -66,6 +66,8 @@ LEGACY_DEFAULT_ROUTERS = ("embedding",)
 CONFIG_FILE = "router.json"
 TENSORS_FILE = "router.safetensors"
 FORMAT_VERSION = 1
+#: how much of each text a router sees (the encoders truncate further; word counts use it all)
+ROUTER_TEXT_CHARS = 8000
 
 
 @dataclass(frozen=True)
@@ -522,6 +524,29 @@ def read_files(folder) -> dict[str, bytes]:
             if (folder / name).is_file()}
 
 
+def row_input(row: Any, max_chars: int = ROUTER_TEXT_CHARS) -> str:
+    """What a router sees of a data row (a `training.data.Row` or a stored row dict): its text, or its prompt."""
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
+    return (get("text") or get("prompt") or "")[:max_chars]
+
+
+def router_runtime(kind: str, engine=None) -> dict[str, Any]:
+    """The live objects a router kind scores with (none for the text routers: hybrid, embedding, lexical).
+
+    Args:
+        kind: the router kind.
+        engine: the loaded `routing.engine.Routing` (needed by perplexity and arrow).
+
+    Raises:
+        BadInputError: the kind needs the base model and `engine` is None.
+    """
+    if kind in ("perplexity", "arrow"):
+        if engine is None:
+            raise BadInputError(f"the {kind} router needs the base model loaded; use it through plait.RoutedModel")
+        return {"scorer": engine} if kind == "perplexity" else {"model": engine.model, "tokenizer": engine.tokenizer}
+    return {}
+
+
 def load_router(files: Mapping[str, bytes], **runtime: Any):
     """Rebuild any router from its artifact files, picking the class from `router.json`.
 
@@ -534,4 +559,5 @@ def load_router(files: Mapping[str, bytes], **runtime: Any):
 
 
 __all__ = ["AdapterWeight", "Calibration", "DEFAULT_ROUTER", "LEGACY_DEFAULT_ROUTERS", "RouteDecision", "Router", "RouterCore",
-           "available_routers", "check_texts", "get_router_class", "load_router", "read_files"]
+           "ROUTER_TEXT_CHARS", "available_routers", "check_texts", "get_router_class", "load_router", "read_files",
+           "router_runtime", "row_input"]

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from registry.errors import BadInputError, NotFoundError
+from registry.names import whole_number
 from routing.routers import RouterCore, check_texts
 
 SCORINGS = ("prototype", "knn")
@@ -170,8 +171,7 @@ class EmbeddingRouter(RouterCore):
         super().__init__(temperature=temperature, threshold=threshold)
         if scoring not in SCORINGS:
             raise BadInputError(f"unknown scoring {scoring!r}: use one of {', '.join(SCORINGS)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise BadInputError(f"k={k!r} must be a positive integer (e.g. 5)")
+        whole_number(k, "k (neighbours)", 1, example=5)
         if encoder is None:
             if encoder_spec and encoder_spec.get("name") != MiniLMEncoder.name:
                 raise BadInputError(f"this router was fitted with the {encoder_spec.get('name')!r} encoder: "

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from registry.errors import BadInputError
+from registry.names import whole_number
 from routing.routers import RouterCore, check_texts
 from routing.routers.embedding import EmbeddingRouter, Encoder, MiniLMEncoder
 from routing.routers.lexical import DEFAULT_BUCKETS, LexicalRouter
@@ -56,8 +57,7 @@ class HybridRouter(RouterCore):
                  alpha: float = 0.03, buckets: int = DEFAULT_BUCKETS, bigrams: bool = True,
                  temperature: float = 1.0, threshold: float = 0.0, encoder_spec: dict[str, Any] | None = None):
         super().__init__(temperature=temperature, threshold=threshold)
-        if isinstance(embed_chars, bool) or not isinstance(embed_chars, int) or embed_chars < 16:
-            raise BadInputError(f"embed_chars={embed_chars!r} must be an integer >= 16 (e.g. 250)")
+        whole_number(embed_chars, "embed_chars", 16, example=250)
         if isinstance(lexical_weight, bool) or not isinstance(lexical_weight, (int, float)) or lexical_weight < 0:
             raise BadInputError(f"lexical_weight={lexical_weight!r} must be a number >= 0 (e.g. 1.0)")
         self.embed_chars, self.lexical_weight = embed_chars, float(lexical_weight)

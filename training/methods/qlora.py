@@ -7,7 +7,7 @@ dequantize on the fly in the compute dtype. LoRA A/B matrices on top stay in ful
 precision and are the only trainable tensors. The artifact is the same PEFT layout as
 `lora`; that the base was 4-bit is recorded in the registry version's config.
 
-The CPU repacking trap (see FACTS.md): on CPUs with AVX512-BF16, bitsandbytes'
+The CPU repacking trap (measured on this project's AMD EPYC CPU): on CPUs with AVX512-BF16, bitsandbytes'
 `Linear4bit.forward` repacks its weight into a CPU-only layout the first time it runs in
 eval mode on an input that does not require grad (an ordinary no-grad evaluation). The
 repacked path has no autograd kernel, so afterwards LoRA receives no gradient and the loss
