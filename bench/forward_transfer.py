@@ -26,7 +26,7 @@ def main() -> None:
     a = p.parse_args()
 
     from plait.workspace import Workspace
-    from plait.audit import BASELINE_DOMAIN
+    from registry.names import BASELINE_DOMAIN
     from training.data import DomainData, Row, fingerprint_rows
     from training.trainer import TrainConfig, train_domain
 
