@@ -15,7 +15,7 @@ from typing import Any
 from training.base import LoadedBase, check_compatible
 from training.data import DEFAULT_MAX_LENGTH, Row, load_domain_data, read_rows, tokenize_rows
 from training.methods import get_method
-from training.trainer import evaluate, resolve_dtype
+from training.evaluation import evaluate, resolve_dtype
 
 
 def load_version(registry, ref: str, base: str | os.PathLike | LoadedBase, *, trainable: bool = False

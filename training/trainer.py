@@ -1,6 +1,7 @@
 """The incremental trainer: one new adapter for one domain, nothing else touched.
 
-An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
+An explicit loop (no framework trainer) in a recipe class shaped like torchtune's
+(`DomainRecipe`: setup -> train -> evaluate -> register -> cleanup):
 
     load the base (frozen; 4-bit for qlora) -> attach a fresh adapter, or warm-start from a
     registered version -> assert only the adapter trains -> base eval loss on the eval split
@@ -8,10 +9,8 @@ An explicit loop (no framework trainer), in the spirit of torchtune's recipes:
     checkpointing every N steps -> eval loss and perplexity -> store + register the version
     with its metrics and lineage -> MLflow run (params, loss per step, metrics, artifact).
 
-Checkpoints hold the adapter (its kind's own safetensors layout), the optimizer state
-(tensors as safetensors, scalars as JSON), the step and the RNG state; nothing is pickled.
-A new checkpoint replaces the last one so that a crash at any moment leaves a complete
-one, and `resume` takes the newest complete one (`save_checkpoint`, `latest_checkpoint`).
+Checkpoints (`training.checkpoints`) hold the adapter, the optimizer and RNG state and the
+step; `resume` takes the newest complete one. The loss and eval live in `training.evaluation`.
 The batch of step k is a function of (seed, k) alone, so `resume=True` continues
 bit-exactly where an interrupted run stopped (on CPU), and under a launcher every
 data-parallel process can take its shard of the same global batch (`training.distributed`).
@@ -19,37 +18,39 @@ data-parallel process can take its shard of the same global batch (`training.dis
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import glob
 import json
 import math
 import os
-import re
 import resource
-import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import BadInputError, ConflictError, NotFoundError, PlaitError
-from registry.hashing import sha256_file
+from registry.errors import BadInputError, ConflictError, PlaitError
 from registry.names import validate_name
-from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from registry.tracking import TRAIN_EXPERIMENT
-from training.data import (IGNORE_INDEX, VALIDATION_FRACTION, DomainData, batch_at, collate, frozen_splits,
-                           iter_eval_batches, load_domain_data, steps_per_epoch, tokenize_rows)
+from training.checkpoints import (STATE_FILE, checkpoint_folder, checkpoint_lock, checkpoint_to_resume,
+                                  complete_checkpoint_state, holding_checkpoint_lock, latest_checkpoint,
+                                  read_checkpoint_state, remove_checkpoints, restore_checkpoint, save_checkpoint)
+from training.data import (VALIDATION_FRACTION, DomainData, batch_at, collate, frozen_splits, load_domain_data,
+                           steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
+from training.evaluation import _device, evaluate, fast_bf16, resolve_dtype, token_loss_sum
 from training.methods import Method, count_trainable, get_method
 from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_start, given_options, start_from
 
+__all__ = [  # its own names, and those callers imported from here before evaluation and checkpoints split off
+    "DTYPES", "EXPERIMENT", "DomainRecipe", "GradientError", "TrainConfig", "TrainResult", "check_only_adapter_trainable",
+    "peak_rss_mb", "track_training", "train_domain", "train_steps",
+    "evaluate", "fast_bf16", "resolve_dtype", "token_loss_sum",
+    "STATE_FILE", "checkpoint_folder", "checkpoint_lock", "complete_checkpoint_state", "latest_checkpoint",
+    "read_checkpoint_state", "remove_checkpoints", "restore_checkpoint", "save_checkpoint"]
+
 DTYPES = ("auto", "fp32", "bf16")
-STATE_FILE = "trainer_state.json"
 EXPERIMENT = TRAIN_EXPERIMENT  # the MLflow experiment of training runs
 
 
@@ -176,91 +177,6 @@ class TrainResult:
                 "last_loss": self.losses[-1] if self.losses else None}
 
 
-# ----------------------------------------------------------------------------- precision
-def fast_bf16() -> bool:
-    """Whether this machine computes bf16 fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AMX" in cap or "BF16" in cap:
-        return True
-    with contextlib.suppress(OSError):  # get_cpu_capability says "AVX512" with or without BF16
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
-def resolve_dtype(dtype: str) -> str:
-    """`auto` -> bf16 where the hardware is fast at it, else fp32."""
-    return ("bf16" if fast_bf16() else "fp32") if dtype == "auto" else dtype
-
-
-def _autocast(dtype: str, device: str):
-    import torch
-
-    if dtype == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------- loss / eval
-def token_loss_sum(model, batch: dict, dtype: str, device: str):
-    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens).
-
-    Llama-style models take the fused path (`training.loss`): the output projection and the
-    loss a few hundred tokens at a time, never the whole batch's [tokens, vocab] logits.
-    """
-    import torch.nn.functional as F
-
-    from training.loss import fused_token_loss_sum, split_causal_lm
-
-    parts = split_causal_lm(model)
-    if parts is not None:
-        with _autocast(dtype, device):
-            return fused_token_loss_sum(*parts, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                        batch["labels"].to(device))
-    with _autocast(dtype, device):
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-    # shift the labels, not the logits: slicing [B, L, vocab] logits would copy them (200 MB at
-    # SmolLM2's 49k vocab, batch 8 x 128); the last position's label is -100
-    labels = F.pad(batch["labels"].to(device), (0, 1), value=IGNORE_INDEX)[:, 1:]
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
-def evaluate(model, examples, *, pad_id: int, batch_size: int = 8, dtype: str = "fp32",
-             method: Method | None = None) -> dict[str, float]:
-    """Mean token loss and perplexity of `model` on `examples` (no grad, eval mode).
-
-    Returns:
-        {"loss": mean next-token cross-entropy over labelled tokens, "perplexity": exp(loss), "tokens": n}
-    """
-    import torch
-
-    was_training = model.training
-    model.eval()
-    if method is not None:
-        method.prepare_for_eval(model)
-    device = _device(model)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for chunk in iter_eval_batches(examples, batch_size):
-            loss, n = token_loss_sum(model, collate(chunk, pad_id), dtype, device)
-            total += float(loss)
-            count += n
-    model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": float(count)}
-
-
-def _device(model) -> str:
-    return next(model.parameters()).device.type
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -280,223 +196,6 @@ def check_only_adapter_trainable(model, base_params: dict[str, Any]) -> int:
     if n == 0:
         raise PlaitError("the adapter has no trainable parameter; nothing would be learned")
     return n
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split an optimizer state_dict into safetensors-able tensors and JSON scalars."""
-    import torch
-
-    tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
-        for k, v in entry.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    meta = {"param_groups": state["param_groups"], "scalars": scalars}
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _siblings(folder: Path) -> tuple[Path, list[Path]]:
-    """A checkpoint slot's `.old` folder and its writers' temp folders.
-
-    Their names start with a dot, which no adapter name may, so they never collide with
-    another adapter's checkpoint folder (an adapter may be named `law.old`).
-    """
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.tmp-[A-Za-z0-9_]{{8}}")
-    temps = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*") if pattern.fullmatch(p.name)] \
-        if folder.parent.is_dir() else []
-    return folder.with_name(f".{folder.name}.old"), temps
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _manifest(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `root` (the checkpoint proves it is whole with this)."""
-    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int, losses: list[float],
-                    tokens: int, seconds: float, run_key: dict, base_fingerprint: str, data_fingerprint: str) -> None:
-    """Write a checkpoint so that a crash at any moment leaves a complete one to resume from.
-
-    The new checkpoint is written and fsynced in a temp folder (`.NAME.tmp-XXXXXXXX`) whose
-    `trainer_state.json` comes last and lists every other file's sha256: a folder with a
-    state file that matches its files is complete. Then the previous checkpoint moves aside
-    to `.NAME.old`, the temp folder is renamed to NAME, and the leftovers go. Between any two
-    of these steps at least one complete checkpoint exists, and `latest_checkpoint` finds
-    the newest one (NAME, `.NAME.old` or a finished temp folder), skipping partial ones.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    method.save(model, tmp / "adapter")
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    _fault("checkpoint.write")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    for p in tmp.rglob("*"):  # the data reaches the disk before the state file vouches for it
-        _fsync_path(p)
-    state = {"step": step, "losses": losses, "tokens": tokens, "seconds": seconds, "run_key": run_key,
-             "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint, "optimizer": meta,
-             "files": _manifest(tmp)}
-    _write_synced(tmp / ".trainer_state.json.part", json.dumps(state, indent=1, sort_keys=True).encode())
-    os.replace(tmp / ".trainer_state.json.part", tmp / STATE_FILE)
-    _fsync_path(tmp)
-    _fault("checkpoint.before_swap")
-    old, _ = _siblings(folder)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        _fault("checkpoint.swap")
-    os.replace(tmp, folder)
-    _fsync_path(folder.parent)
-    _fault("checkpoint.before_cleanup")
-    old, temps = _siblings(folder)  # the previous checkpoint, and what crashed writers left
-    for leftover in (old, *temps):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def complete_checkpoint_state(folder: Path) -> dict | None:
-    """The state of the checkpoint in `folder` if every file it lists is there and intact, else None."""
-    try:
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
-        files = state.get("files", {})  # none listed: an older plait's checkpoint, renamed into place whole
-        for rel, want in files.items():
-            path = Path(folder) / rel
-            if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return state
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint of the slot `folder`: itself, its `.old`, or a finished temp folder."""
-    folder = Path(folder)
-    old, temps = _siblings(folder)
-    found = [(state["step"], path.stat().st_mtime_ns, str(path)) for path in (folder, old, *temps)
-             if (state := complete_checkpoint_state(path)) is not None]
-    return Path(max(found)[2]) if found else None
-
-
-def remove_checkpoints(folder: Path) -> None:
-    """Remove the slot `folder` with its `.old` and temp folders."""
-    folder = Path(folder)
-    old, temps = _siblings(folder)
-    for path in (folder, old, *temps):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def checkpoint_folder(registry, name: str, checkpoint_dir: Path | None = None) -> Path:
-    """The checkpoint slot of adapter `name`: `checkpoint_dir`, or `<artifact root>/../checkpoints/<name>`."""
-    return Path(checkpoint_dir) if checkpoint_dir else Path(registry.store.root).parent / "checkpoints" / name
-
-
-@contextlib.contextmanager
-def checkpoint_lock(folder: Path, name: str) -> Iterator[None]:
-    """Hold the checkpoint slot `folder` for one run; a second run of the same adapter is refused.
-
-    Two runs of one name share one slot: the second's checkpoints replaced the first's, and its
-    cleanup deleted the first's in-progress checkpoint. The lock is an fcntl lock on
-    `.NAME.lock` beside the slot (a dot name, so no adapter's slot): the kernel drops it when
-    the process ends, however it ends, so a killed run leaves no stale lock (at most the
-    empty file). The file is removed on release; a run that locked a file removed under it
-    locks the new one instead.
-
-    Raises:
-        ConflictError: another run holds the slot (exit code 2).
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.with_name(f".{folder.name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConflictError(f"adapter {name!r} is being trained by another run, which holds its checkpoints in "
-                                f"{folder}; wait for that run to finish, or train under another --name") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the holder before us removed this file as we opened it: lock the new one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # while still holding it, so no one locks the old file after us
-        os.close(fd)
-
-
-def _holding_checkpoint_lock(train):
-    """Run `train_domain` holding its adapter's checkpoint slot (`checkpoint_lock`); data-parallel
-    ranks other than 0 write no checkpoint and take no lock."""
-    @functools.wraps(train)
-    def run(registry, base, domain, data, eval_data=None, config=None, *, checkpoint_dir=None, on_step=None):
-        validate_name(domain, "domain name")  # before any path is built from the names
-        name = (config.name if config is not None else None) or domain
-        validate_name(name, "adapter name")
-        parallel = data_parallel()
-        lock = checkpoint_lock(checkpoint_folder(registry, name, checkpoint_dir), name) \
-            if parallel is None or parallel.is_main else contextlib.nullcontext()
-        with lock:
-            return train(registry, base, domain, data, eval_data, config, checkpoint_dir=checkpoint_dir,
-                         on_step=on_step)
-
-    return run
-
-
-def read_checkpoint_state(checkpoint: Path) -> dict:
-    """The trainer state of one checkpoint folder (e.g. the one `latest_checkpoint` found)."""
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise NotFoundError(f"no checkpoint to resume in {checkpoint}; run without --resume to start afresh")
-    return json.loads(path.read_text())
-
-
-def restore_checkpoint(folder: Path, optimizer) -> None:
-    """Load the optimizer state and RNG state of the checkpoint in `folder`."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = read_checkpoint_state(folder)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(Path(folder) / "optimizer.safetensors")),
-                                                   state["optimizer"]))
-    rng = load_file(str(Path(folder) / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -612,13 +311,6 @@ def _log_losses(run, losses: list[float]) -> None:
         run.client.log_batch(run.run_id, metrics=metrics[i:i + 1000])
 
 
-def _checkpoint_to_resume(ckpt: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint of the slot `ckpt` (a crash mid-replacement leaves one) and its state."""
-    found = latest_checkpoint(ckpt)
-    if found is None:
-        raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
-    return found, read_checkpoint_state(found)
-
 
 def _say(line: str, enabled: bool) -> None:
     """A progress line beside the progress bar (off with progress, e.g. under --json)."""
@@ -654,7 +346,7 @@ def track_training(registry, info, adapter_dir: Path, *, params: dict[str, Any],
     return registry.set_mlflow_run(info.ref, run.run_id)
 
 
-@_holding_checkpoint_lock
+@holding_checkpoint_lock
 def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
                  eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
                  checkpoint_dir: Path | None = None,
@@ -688,55 +380,128 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
         GradientError: a trainable tensor received no gradient.
         ConflictError: another run of the same adapter name holds its checkpoints (`checkpoint_lock`).
     """
-    import torch
+    return DomainRecipe(registry, base, domain, data, eval_data, config, checkpoint_dir=checkpoint_dir,
+                        on_step=on_step).run()
 
-    cfg = config or TrainConfig()
-    validate_name(domain, "domain name")
-    name = cfg.name or domain
-    validate_name(name, "adapter name")
-    parallel = data_parallel()
-    if parallel is not None:
-        parallel.check_batch_size(cfg.batch_size)
-    main = parallel is None or parallel.is_main
 
-    kind, warm = explicit_start(registry, cfg)
-    method = get_method(kind)
-    for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
-        if (v.kind, v.domain) != (kind, domain):
-            raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version for "
-                                f"domain {domain!r} needs another name (--name)")
-    dtype = resolve_dtype(cfg.dtype)
-    lr = cfg.lr or method.default_lr
+class DomainRecipe:
+    """One domain's training run as phases, in the shape of torchtune's recipe classes.
 
-    settings = method.read_config(warm[1]) if warm else method.make_config(**given_options(cfg, kind))
+    `setup` (`_resolve_options` -> `_setup_data` -> `_setup_model` -> `_setup_optimizer`),
+    `train`, `evaluate`, `register`, `cleanup`; `run` calls them in that order. Nothing loads
+    before the options are checked, and nothing is printed before the adapter is on, so a bad
+    option prints its error alone. `train_domain` is the entry point (it holds the checkpoint lock).
+    """
 
-    # a retrain keeps the domain's frozen eval and validation sets and never trains on their rows
-    dd = data if isinstance(data, DomainData) else load_domain_data(
-        data, eval_data, cfg.eval_fraction, cfg.validation_fraction, frozen=frozen_splits(registry, domain))
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    loaded = method.load_base(base, settings, compute_dtype=compute)
-    tok = loaded.tokenizer
-    train_ex = tokenize_rows(dd.train, tok, cfg.max_length)
-    eval_ex = tokenize_rows(dd.eval, tok, cfg.max_length)
-    total = _total_steps(cfg, len(train_ex))
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    def __init__(self, registry, base: str | os.PathLike, domain: str, data: str | os.PathLike | DomainData,
+                 eval_data: str | os.PathLike | None = None, config: TrainConfig | None = None, *,
+                 checkpoint_dir: Path | None = None, on_step: Callable[[int, float], None] | None = None):
+        self.registry, self.base, self.domain = registry, base, domain
+        self.data_source, self.eval_source = data, eval_data
+        self.cfg = config or TrainConfig()
+        self.checkpoint_dir, self.on_step = checkpoint_dir, on_step
 
-    ckpt = checkpoint_folder(registry, name, checkpoint_dir)  # held for this run (`_holding_checkpoint_lock`)
-    found, state = _checkpoint_to_resume(ckpt) if cfg.resume else (None, None)
-    choice, warm = start_from(registry, cfg, method, loaded, train_ex, warm, state, total_steps=total, pad_id=pad_id,
-                              batch_size=eval_bs)
-    settings = method.read_config(warm[1]) if warm else settings
-    run_key = {**cfg.run_key(), "method": kind, "lr": lr, "dtype": dtype, "domain": domain, "base": str(base),
-               "init_choice": choice.to_dict()}
-    run_key = json.loads(json.dumps(run_key, default=str))
-    start, prior_losses, prior_tokens, prior_seconds = 0, [], 0, 0.0
-    base_params = _base_state(loaded.model)
+    def run(self) -> TrainResult | None:
+        """All the phases; the registered version's result (None on a data-parallel rank other than 0)."""
+        self.setup()
+        self.train()
+        if not self.main:  # rank 0 evaluates and registers; return once the version exists
+            self.parallel.barrier()
+            return None
+        metrics = self.evaluate()
+        info = self.register(metrics)
+        self.cleanup()
+        return TrainResult(info, metrics, self.total, self.all_losses, info.mlflow_run_id, self.model, self.choice)
 
-    torch.manual_seed(cfg.seed)
-    if cfg.resume:
-        if state["run_key"] != run_key or state["data_fingerprint"] != dd.fingerprint \
-                or state["base_fingerprint"] != loaded.fingerprint:
+    # ------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Check the options, read the data, load the base with the adapter on, make the optimizer."""
+        self._resolve_options()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+
+    def _resolve_options(self) -> None:
+        """Names, data parallelism, the kind and its settings: every option error before anything loads."""
+        cfg, registry, domain = self.cfg, self.registry, self.domain
+        validate_name(domain, "domain name")
+        self.name = name = cfg.name or domain
+        validate_name(name, "adapter name")
+        self.parallel = data_parallel()
+        if self.parallel is not None:
+            self.parallel.check_batch_size(cfg.batch_size)
+        self.main = self.parallel is None or self.parallel.is_main
+        kind, self.warm = explicit_start(registry, cfg)
+        self.kind = kind
+        self.method = get_method(kind)
+        for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
+            if (v.kind, v.domain) != (kind, domain):
+                raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version "
+                                    f"for domain {domain!r} needs another name (--name)")
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.lr = cfg.lr or self.method.default_lr
+        self.settings = self.method.read_config(self.warm[1]) if self.warm \
+            else self.method.make_config(**given_options(cfg, kind))
+
+    def _setup_data(self) -> None:
+        """The domain's rows; a retrain keeps its frozen eval and validation sets and never trains on their rows."""
+        cfg, data = self.cfg, self.data_source
+        self.dd = data if isinstance(data, DomainData) else load_domain_data(
+            data, self.eval_source, cfg.eval_fraction, cfg.validation_fraction,
+            frozen=frozen_splits(self.registry, self.domain))
+
+    def _setup_model(self) -> None:
+        """Load the base, tokenize, choose where the adapter starts, and put it on (fresh, warm or resumed)."""
+        import torch
+
+        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        self.loaded = self.method.load_base(self.base, self.settings, compute_dtype=compute)
+        self._tokenize()
+        self._choose_start()
+        base_params = _base_state(self.loaded.model)
+        torch.manual_seed(self.cfg.seed)
+        self.model = self._attach()
+        # announced once the adapter is on, so a bad option prints its error alone
+        _say(self.choice.describe(), self.cfg.progress and self.main)
+        self.trainable_params = check_only_adapter_trainable(self.model, base_params)
+
+    def _tokenize(self) -> None:
+        """The tokenized splits, the step count and the padding id."""
+        cfg, tok = self.cfg, self.loaded.tokenizer
+        self.train_ex = tokenize_rows(self.dd.train, tok, cfg.max_length)
+        self.eval_ex = tokenize_rows(self.dd.eval, tok, cfg.max_length)
+        self.total = _total_steps(cfg, len(self.train_ex))
+        self.eval_bs = cfg.eval_batch_size or cfg.batch_size
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def _choose_start(self) -> None:
+        """The checkpoint to resume (if `resume`), the warm-start choice (`training.warmstart`) and the run key."""
+        cfg = self.cfg
+        self.ckpt = checkpoint_folder(self.registry, self.name, self.checkpoint_dir)  # held (`holding_checkpoint_lock`)
+        self.found, self.state = checkpoint_to_resume(self.ckpt) if cfg.resume else (None, None)
+        self.choice, self.warm = start_from(self.registry, cfg, self.method, self.loaded, self.train_ex, self.warm,
+                                            self.state, total_steps=self.total, pad_id=self.pad_id,
+                                            batch_size=self.eval_bs)
+        self.settings = self.method.read_config(self.warm[1]) if self.warm else self.settings
+        run_key = {**cfg.run_key(), "method": self.kind, "lr": self.lr, "dtype": self.dtype, "domain": self.domain,
+                   "base": str(self.base), "init_choice": self.choice.to_dict()}
+        self.run_key = json.loads(json.dumps(run_key, default=str))
+
+    def _attach(self):
+        """The model with its adapter: the checkpoint's (resume), the warm start's, or a fresh one."""
+        method, base_model = self.method, self.loaded.model
+        if self.cfg.resume:
+            self._check_resumable()
+            return method.load(base_model, self.found / "adapter", trainable=True)
+        if self.warm:
+            return method.load(base_model, self.warm[1], trainable=True)
+        return method.attach(base_model, self.settings)
+
+    def _check_resumable(self) -> None:
+        """The checkpoint is of this run: the same options, data and base."""
+        state, run_key, ckpt = self.state, self.run_key, self.ckpt
+        if state["run_key"] != run_key or state["data_fingerprint"] != self.dd.fingerprint \
+                or state["base_fingerprint"] != self.loaded.fingerprint:
             diff = sorted(k for k in set(run_key) | set(state["run_key"])
                           if run_key.get(k) != state["run_key"].get(k))
             if not diff:
@@ -744,79 +509,108 @@ def train_domain(registry, base: str | os.PathLike, domain: str, data: str | os.
                                     f"the same data and base, or drop --resume")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
                                 f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
-        model = method.load(loaded.model, found / "adapter", trainable=True)
-    elif warm:
-        model = method.load(loaded.model, warm[1], trainable=True)
-    else:
-        model = method.attach(loaded.model, settings)
-    _say(choice.describe(), cfg.progress and main)  # once the adapter is on: a bad option prints its error alone
-    trainable_params = check_only_adapter_trainable(model, base_params)
-    _say(choice.describe(), cfg.progress and main)  # once the adapter is on: a bad option prints its error alone
-    optimizer = method.make_optimizer([p for p in model.parameters() if p.requires_grad], lr, cfg.weight_decay)
 
-    if cfg.resume:
-        restore_checkpoint(found, optimizer)
-        start, prior_losses = state["step"], list(state["losses"])
-        prior_tokens, prior_seconds = state["tokens"], state["seconds"]
-    if parallel is not None:  # every rank starts from rank 0's adapter, whatever its RNG did
-        parallel.broadcast([p for p in model.parameters() if p.requires_grad])
+    def _setup_optimizer(self) -> None:
+        """The kind's optimizer over the adapter, restored from the checkpoint on resume; ranks start alike."""
+        cfg, model = self.cfg, self.model
+        self.optimizer = self.method.make_optimizer([p for p in model.parameters() if p.requires_grad], self.lr,
+                                                    cfg.weight_decay)
+        self.start, self.prior_losses, self.prior_tokens, self.prior_seconds = 0, [], 0, 0.0
+        if cfg.resume:
+            restore_checkpoint(self.found, self.optimizer)
+            self.start, self.prior_losses = self.state["step"], list(self.state["losses"])
+            self.prior_tokens, self.prior_seconds = self.state["tokens"], self.state["seconds"]
+        if self.parallel is not None:  # every rank starts from rank 0's adapter, whatever its RNG did
+            self.parallel.broadcast([p for p in model.parameters() if p.requires_grad])
 
-    def checkpoint(step: int, losses: list[float], tokens: int, seconds: float) -> None:
-        save_checkpoint(ckpt, model=model, method=method, optimizer=optimizer, step=step,
-                        losses=prior_losses + losses, tokens=prior_tokens + tokens, seconds=prior_seconds + seconds,
-                        run_key=run_key, base_fingerprint=loaded.fingerprint, data_fingerprint=dd.fingerprint)
+    # ------------------------------------------------------------------------- train
+    def _checkpoint(self, step: int, losses: list[float], tokens: int, seconds: float) -> None:
+        save_checkpoint(self.ckpt, model=self.model, method=self.method, optimizer=self.optimizer, step=step,
+                        losses=self.prior_losses + losses, tokens=self.prior_tokens + tokens,
+                        seconds=self.prior_seconds + seconds, run_key=self.run_key,
+                        base_fingerprint=self.loaded.fingerprint, data_fingerprint=self.dd.fingerprint)
 
-    losses, tokens, seconds = train_steps(
-        model, method, optimizer, train_ex, start=start, total=total, batch_size=cfg.batch_size, seed=cfg.seed,
-        pad_id=pad_id, dtype=dtype, grad_clip=cfg.grad_clip, on_step=on_step, checkpoint=checkpoint if main else None,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and main, parallel=parallel)
-    if not main:  # rank 0 evaluates and registers; return once the version exists
-        parallel.barrier()
-        return None
-    all_losses = prior_losses + losses
-    tokens_total, seconds_total = prior_tokens + tokens, prior_seconds + seconds
-    metrics = {"train_tokens_per_s": tokens_total / max(seconds_total, 1e-9), "peak_rss_mb": peak_rss_mb(),
-               "trainable_params": float(trainable_params)}
-    if cfg.evaluate:
-        after = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
-        # the base's loss on the same split, through the same code path (adapter switched off),
-        # after training: the frozen base gives the same figure either way
-        with method.disabled(model):
-            base_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=eval_bs, dtype=dtype, method=method)
-        metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"],
-                   "base_eval_loss": base_eval["loss"], **metrics}
-    if torch.cuda.is_available():
-        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    def train(self) -> None:
+        """The optimizer steps (`train_steps`), checkpointing on rank 0; adds this run's to any resumed figures."""
+        cfg = self.cfg
+        losses, tokens, seconds = train_steps(
+            self.model, self.method, self.optimizer, self.train_ex, start=self.start, total=self.total,
+            batch_size=cfg.batch_size, seed=cfg.seed, pad_id=self.pad_id, dtype=self.dtype, grad_clip=cfg.grad_clip,
+            on_step=self.on_step, checkpoint=self._checkpoint if self.main else None,
+            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and self.main, parallel=self.parallel)
+        self.all_losses = self.prior_losses + losses
+        self.tokens_total, self.seconds_total = self.prior_tokens + tokens, self.prior_seconds + seconds
 
-    version_config = {
-        "method": kind, "adapter": asdict(settings), "base": str(base), "base_quantized": loaded.quantized,
-        "dtype": dtype, "lr": lr, "steps": total, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-        "seed": cfg.seed, "grad_clip": cfg.grad_clip, "weight_decay": cfg.weight_decay,
-        "warm_start": warm[0].ref if warm else None, **choice.record(), "processes": parallel.world_size if parallel else 1,
-        "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
-                 "validation_rows": len(dd.validation),
-                 "train_examples": len(train_ex), "eval_examples": len(eval_ex)}}
-    parents = [(warm[0].ref, "warm-start")] if warm else []
-    params = {"domain": domain, "name": name, "base_fingerprint": loaded.fingerprint,
-              "data_fingerprint": dd.fingerprint, "trainable_params": trainable_params,
-              **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in version_config.items()}}
+    # ------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, float]:
+        """The run's metrics: throughput, memory, and (with `cfg.evaluate`) eval loss against the base's."""
+        import torch
 
-    with tempfile.TemporaryDirectory(prefix="plait-adapter-") as tmp:
-        out = method.save(model, Path(tmp) / "adapter")
-        info = registry.register_version(  # first: nothing MLflow does can lose the trained adapter
-            name, domain=domain, kind=kind, files=out, base_fingerprint=loaded.fingerprint, config=version_config,
-            parents=parents, data_fingerprint=dd.fingerprint, metrics=metrics, mirror=False)
-        info = track_training(registry, info, out, params=params, metrics=metrics, losses=all_losses, steps=total)
-    # the domain's first eval split is frozen in the registry for audits, its validation split
-    # for router calibration and for choosing the version that serves it
-    for split, rows in (("eval", dd.eval), ("validation", dd.validation)):
-        try:
-            if rows:
-                registry.set_domain_rows(domain, split, [r.normalised() for r in rows])
-        except ConflictError:
-            pass  # an earlier run froze this domain's set; later runs keep using that one
-    remove_checkpoints(ckpt)
-    if parallel is not None:
-        parallel.barrier()
-    model.eval()
-    return TrainResult(info, metrics, total, all_losses, info.mlflow_run_id, model, choice)
+        metrics = {"train_tokens_per_s": self.tokens_total / max(self.seconds_total, 1e-9),
+                   "peak_rss_mb": peak_rss_mb(), "trainable_params": float(self.trainable_params)}
+        if self.cfg.evaluate:
+            kw = dict(pad_id=self.pad_id, batch_size=self.eval_bs, dtype=self.dtype, method=self.method)
+            after = evaluate(self.model, self.eval_ex, **kw)
+            # the base's loss on the same split, through the same code path (adapter switched off),
+            # after training: the frozen base gives the same figure either way
+            with self.method.disabled(self.model):
+                base_eval = evaluate(self.model, self.eval_ex, **kw)
+            metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"],
+                       "base_eval_loss": base_eval["loss"], **metrics}
+        if torch.cuda.is_available():
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return metrics
+
+    # ------------------------------------------------------------------------- register
+    def _version_config(self) -> dict[str, Any]:
+        """What the version records of how it was trained (its `config` in the registry)."""
+        cfg, dd, warm = self.cfg, self.dd, self.warm
+        return {
+            "method": self.kind, "adapter": asdict(self.settings), "base": str(self.base),
+            "base_quantized": self.loaded.quantized, "dtype": self.dtype, "lr": self.lr, "steps": self.total,
+            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": cfg.seed, "grad_clip": cfg.grad_clip,
+            "weight_decay": cfg.weight_decay, "warm_start": warm[0].ref if warm else None, **self.choice.record(),
+            "processes": self.parallel.world_size if self.parallel else 1,
+            "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
+                     "validation_rows": len(dd.validation),
+                     "train_examples": len(self.train_ex), "eval_examples": len(self.eval_ex)}}
+
+    def register(self, metrics: dict[str, float]):
+        """Save the adapter, register the version (then mirror it to MLflow), freeze the domain's splits.
+
+        Returns:
+            the registered `registry.client.VersionInfo`.
+        """
+        version_config = self._version_config()
+        parents = [(self.warm[0].ref, "warm-start")] if self.warm else []
+        params = {"domain": self.domain, "name": self.name, "base_fingerprint": self.loaded.fingerprint,
+                  "data_fingerprint": self.dd.fingerprint, "trainable_params": self.trainable_params,
+                  **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in version_config.items()}}
+        with tempfile.TemporaryDirectory(prefix="plait-adapter-") as tmp:
+            out = self.method.save(self.model, Path(tmp) / "adapter")
+            info = self.registry.register_version(  # first: nothing MLflow does can lose the trained adapter
+                self.name, domain=self.domain, kind=self.kind, files=out, base_fingerprint=self.loaded.fingerprint,
+                config=version_config, parents=parents, data_fingerprint=self.dd.fingerprint, metrics=metrics,
+                mirror=False)
+            info = track_training(self.registry, info, out, params=params, metrics=metrics, losses=self.all_losses,
+                                  steps=self.total)
+        self._freeze_splits()
+        return info
+
+    def _freeze_splits(self) -> None:
+        """The domain's first eval split is frozen in the registry for audits, its validation split
+        for router calibration and for choosing the version that serves it."""
+        for split, rows in (("eval", self.dd.eval), ("validation", self.dd.validation)):
+            try:
+                if rows:
+                    self.registry.set_domain_rows(self.domain, split, [r.normalised() for r in rows])
+            except ConflictError:
+                pass  # an earlier run froze this domain's set; later runs keep using that one
+
+    # ------------------------------------------------------------------------- cleanup
+    def cleanup(self) -> None:
+        """Remove the checkpoints, release the other ranks (the version exists), leave the model in eval mode."""
+        remove_checkpoints(self.ckpt)
+        if self.parallel is not None:
+            self.parallel.barrier()
+        self.model.eval()

@@ -304,7 +304,7 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     import torch
 
     from training.methods._stacking import KindRouting
-    from training.trainer import evaluate
+    from training.evaluation import evaluate
 
     # scored in fp32 whatever the training's dtype: a no-grad forward under CPU bf16 autocast measured 5x
     # slower than fp32 on the 2-core demo machine (bf16 speed depends on the machine: a CPU with

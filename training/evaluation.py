@@ -1,0 +1,101 @@
+"""Precision and evaluation: which dtype a run computes in, and the token loss of a model on examples.
+
+`token_loss_sum` is the one loss the trainer steps on and `evaluate` measures with (the warm
+start scores its candidates with it too, `training.warmstart`); Llama-style models take the
+fused path of `training.loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+from training.data import IGNORE_INDEX, collate, iter_eval_batches
+from training.methods import Method
+
+
+# ----------------------------------------------------------------------------- precision
+def fast_bf16() -> bool:
+    """Whether this machine computes bf16 fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in cap or "BF16" in cap:
+        return True
+    with contextlib.suppress(OSError):  # get_cpu_capability says "AVX512" with or without BF16
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> bf16 where the hardware is fast at it, else fp32."""
+    return ("bf16" if fast_bf16() else "fp32") if dtype == "auto" else dtype
+
+
+def _autocast(dtype: str, device: str):
+    import torch
+
+    if dtype == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- loss / eval
+def token_loss_sum(model, batch: dict, dtype: str, device: str):
+    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens).
+
+    Llama-style models take the fused path (`training.loss`): the output projection and the
+    loss a few hundred tokens at a time, never the whole batch's [tokens, vocab] logits.
+    """
+    import torch.nn.functional as F
+
+    from training.loss import fused_token_loss_sum, split_causal_lm
+
+    parts = split_causal_lm(model)
+    if parts is not None:
+        with _autocast(dtype, device):
+            return fused_token_loss_sum(*parts, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        batch["labels"].to(device))
+    with _autocast(dtype, device):
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+    # shift the labels, not the logits: slicing [B, L, vocab] logits would copy them (200 MB at
+    # SmolLM2's 49k vocab, batch 8 x 128); the last position's label is -100
+    labels = F.pad(batch["labels"].to(device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def evaluate(model, examples, *, pad_id: int, batch_size: int = 8, dtype: str = "fp32",
+             method: Method | None = None) -> dict[str, float]:
+    """Mean token loss and perplexity of `model` on `examples` (no grad, eval mode).
+
+    Returns:
+        {"loss": mean next-token cross-entropy over labelled tokens, "perplexity": exp(loss), "tokens": n}
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    if method is not None:
+        method.prepare_for_eval(model)
+    device = _device(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in iter_eval_batches(examples, batch_size):
+            loss, n = token_loss_sum(model, collate(chunk, pad_id), dtype, device)
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": float(count)}
+
+
+def _device(model) -> str:
+    """The device type (cpu, cuda) of the model's parameters."""
+    return next(model.parameters()).device.type
