@@ -589,7 +589,7 @@ def _train_baseline(ws, name: str, dd, settings: dict[str, int], lr: float, from
     return train_domain(ws.registry, ws.config.base_model, BASELINE_DOMAIN, dd, config=TrainConfig(
         method="lora", name=name, steps=settings["steps"], batch_size=settings["batch_size"],
         max_length=settings["max_length"], lr=lr, seed=BASELINE_SEED, progress=False, evaluate=False,
-        from_ref=from_ref)).version
+        from_ref=from_ref, replay=0.0)).version  # the baselines are plain fine-tuning: no rehearsal
 
 
 def _chain(ws, domains: list[str], lr: float, log=None, train: bool = True) -> list[tuple[Any, dict[str, int]]]:

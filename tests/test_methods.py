@@ -264,7 +264,7 @@ def test_registry_of_kinds():
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: LoraSettings(r=0), "LoRA rank 0 is invalid: the rank must be a whole number >= 1 (e.g. --rank 8)"),
+    (lambda: LoraSettings(r=0), "LoRA rank 0 is invalid: use a whole number >= 1 (e.g. 8)"),
     (lambda: LoraSettings(alpha=-1), "LoRA alpha -1 is invalid: use a number > 0 (e.g. 16)"),
     (lambda: LoraSettings(dropout=1.5), "LoRA dropout 1.5 is invalid: use a number in [0, 1)"),
     (lambda: QLoraSettings(compute_dtype="fp16"), "QLoRA compute dtype 'fp16' is invalid: use auto, fp32 or bf16"),

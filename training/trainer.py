@@ -31,16 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import BadInputError, ConflictError, PlaitError
-from registry.names import validate_name
+from registry.names import validate_name, whole_number
 from registry.tracking import TRAIN_EXPERIMENT
 from training.checkpoints import (STATE_FILE, checkpoint_folder, checkpoint_lock, checkpoint_to_resume,
                                   complete_checkpoint_state, holding_checkpoint_lock, latest_checkpoint,
                                   read_checkpoint_state, remove_checkpoints, restore_checkpoint, save_checkpoint)
-from training.data import (VALIDATION_FRACTION, DomainData, batch_at, collate, frozen_splits, load_domain_data,
-                           steps_per_epoch, tokenize_rows)
+from training.data import (DEFAULT_MAX_LENGTH, VALIDATION_FRACTION, DomainData, batch_at, collate, frozen_splits,
+                           load_domain_data, steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
 from training.evaluation import _device, evaluate, fast_bf16, resolve_dtype, token_loss_sum
 from training.methods import Method, count_trainable, get_method
+from training.replay import REPLAY_SHARE, check_share, covers_after, replay_count, replay_rows
 from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_start, given_options, start_from
 
 __all__ = [  # its own names, and those callers imported from here before evaluation and checkpoints split off
@@ -72,7 +73,7 @@ class TrainConfig:
     """passes over the training examples (may be fractional)"""
     batch_size: int = 4
     """examples per step"""
-    max_length: int = 256
+    max_length: int = DEFAULT_MAX_LENGTH
     """tokens per example; longer text rows are cut into windows"""
     lr: float | None = None
     """AdamW learning rate; None = the kind's default (2e-4 LoRA/QLoRA, 1e-3 bottleneck)"""
@@ -86,6 +87,9 @@ class TrainConfig:
     """where the adapter starts: auto (the registered version that fits a sample of the training rows best,
     if it beats the base there; see `training.warmstart`), base (fresh) or a version; None = from_ref if
     given, else base (`plait train` and `Workspace.add_domain` default to auto)"""
+    replay: float = REPLAY_SHARE
+    """share of a warm-started run's training examples drawn from the stored training rows of the
+    domains its source covers (rehearsal, `training.replay`); 0 = the new domain's rows only"""
     resume: bool = False
     """continue from the checkpoint an interrupted run of the same config left"""
     seed: int = 0
@@ -120,10 +124,9 @@ class TrainConfig:
             raise BadInputError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
         for what, value in (("steps", self.steps), ("batch size", self.batch_size), ("max length", self.max_length),
                             ("rank", self.rank)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise BadInputError(f"{what} {value!r} is invalid: use a whole number >= 1")
-        if self.max_length < 2:
-            raise BadInputError(f"max length {self.max_length} is invalid: use a whole number >= 2 (e.g. 256)")
+            if value is not None:
+                whole_number(value, what, 1)
+        whole_number(self.max_length, "max length", 2, example=DEFAULT_MAX_LENGTH)
         if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
             raise BadInputError(f"epochs {self.epochs!r} is invalid: use a number > 0")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1):
@@ -131,12 +134,12 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype {self.dtype!r} is invalid: use auto, fp32 or bf16")
         self.init = check_init(self.init, self.from_ref)
+        self.replay = check_share(self.replay)
         if self.from_ref is None and self.init not in (AUTO, BASE):
             self.from_ref = self.init
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise BadInputError(f"gradient clip {self.grad_clip!r} is invalid: use a number > 0, or None for no clipping")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise BadInputError(f"checkpoint interval {self.checkpoint_every!r} is invalid: use a whole number >= 0")
+        whole_number(self.checkpoint_every, "checkpoint interval", 0)
         if not 0 < self.eval_fraction < 1:
             raise BadInputError(f"eval fraction {self.eval_fraction!r} is invalid: use a number between 0 and 1")
         if not 0 <= self.validation_fraction < 1:
@@ -463,6 +466,9 @@ class DomainRecipe:
         self.model = self._attach()
         # announced once the adapter is on, so a bad option prints its error alone
         _say(self.choice.describe(), self.cfg.progress and self.main)
+        if self.replay_ex:
+            _say(f"replay: {len(self.replay_ex)} examples of {', '.join(self.replayed)} beside "
+                 f"{len(self.train_ex)} of {self.domain} (share {self.cfg.replay:g})", self.cfg.progress and self.main)
         self.trainable_params = check_only_adapter_trainable(self.model, base_params)
 
     def _tokenize(self) -> None:
@@ -483,9 +489,41 @@ class DomainRecipe:
                                             self.state, total_steps=self.total, pad_id=self.pad_id,
                                             batch_size=self.eval_bs)
         self.settings = self.method.read_config(self.warm[1]) if self.warm else self.settings
+        self._setup_replay()
         run_key = {**cfg.run_key(), "method": self.kind, "lr": self.lr, "dtype": self.dtype, "domain": self.domain,
                    "base": str(self.base), "init_choice": self.choice.to_dict()}
         self.run_key = json.loads(json.dumps(run_key, default=str))
+
+    def _setup_replay(self) -> None:
+        """What the new version covers and, for a warm start, the replayed examples of its source's domains."""
+        from training.data import Row
+
+        cfg = self.cfg
+        self.covers = covers_after(self.warm[0] if self.warm else None, self.domain, self._related())
+        self.replay_ex, self.replayed = [], {}
+        if not self.warm or not cfg.replay:
+            return
+        want = replay_count(len(self.train_ex), cfg.replay)
+        # none when the covered domains stored no training rows (e.g. trained through `train_domain` alone)
+        for n, (d, r) in enumerate(replay_rows(self.registry, self.covers, len(self.train_ex), cfg.replay, cfg.seed)):
+            row = Row(text=r.get("text"), prompt=r.get("prompt"), completion=r.get("completion"),
+                      where=f"replay:{d}:{n + 1}")
+            try:
+                examples = tokenize_rows([row], self.loaded.tokenizer, cfg.max_length)[:want - len(self.replay_ex)]
+            except BadInputError:  # a prompt too long for this run's max length: nothing of it to learn from
+                continue
+            self.replay_ex += examples
+            self.replayed[d] = self.replayed.get(d, 0) + len(examples)
+            if len(self.replay_ex) == want:
+                break
+
+    def _related(self) -> list:
+        """The other candidates `--init auto` scored below the base (related to the new domain), best first."""
+        losses = self.choice.losses
+        base = losses.get(BASE)
+        refs = sorted((r for r in losses if r not in (BASE, self.choice.ref) and base is not None and losses[r] < base),
+                      key=losses.get)
+        return [self.registry.get_version(r) for r in refs]
 
     def _attach(self):
         """The model with its adapter: the checkpoint's (resume), the warm start's, or a fresh one."""
@@ -534,7 +572,7 @@ class DomainRecipe:
         """The optimizer steps (`train_steps`), checkpointing on rank 0; adds this run's to any resumed figures."""
         cfg = self.cfg
         losses, tokens, seconds = train_steps(
-            self.model, self.method, self.optimizer, self.train_ex, start=self.start, total=self.total,
+            self.model, self.method, self.optimizer, self.train_ex + self.replay_ex, start=self.start, total=self.total,
             batch_size=cfg.batch_size, seed=cfg.seed, pad_id=self.pad_id, dtype=self.dtype, grad_clip=cfg.grad_clip,
             on_step=self.on_step, checkpoint=self._checkpoint if self.main else None,
             checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and self.main, parallel=self.parallel)
@@ -570,6 +608,8 @@ class DomainRecipe:
             "base_quantized": self.loaded.quantized, "dtype": self.dtype, "lr": self.lr, "steps": self.total,
             "batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": cfg.seed, "grad_clip": cfg.grad_clip,
             "weight_decay": cfg.weight_decay, "warm_start": warm[0].ref if warm else None, **self.choice.record(),
+            "covers": self.covers, "replay": {"share": cfg.replay, "examples": len(self.replay_ex),
+                                              "per_domain": self.replayed},
             "processes": self.parallel.world_size if self.parallel else 1,
             "data": {"train_rows": len(dd.train), "eval_rows": len(dd.eval), "eval_source": dd.eval_source,
                      "validation_rows": len(dd.validation),

@@ -22,7 +22,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 #: fields), never CLI flags; `with_flags` puts the flag in. (setting, its CLI spelling, the flag)
 SETTING_FLAGS = [("init", "--init", "--init"), ("from_ref", "--from", "--from"),
                  ("an eval file", "an eval file (--eval)", "--eval"),
-                 ("the max length", "the max length (--max-length)", "--max-length")]
+                 ("the max length", "the max length (--max-length)", "--max-length"),
+                 ("LoRA rank", "LoRA rank (--rank)", "--rank"), ("bottleneck size", "bottleneck size (--rank)", "--rank")]
 
 
 def with_flags(message: str) -> str:

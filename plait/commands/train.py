@@ -11,6 +11,7 @@ import typer
 
 from plait.commands._common import JsonOpt, WorkspaceOpt, console, open_workspace, print_json, short
 from training.data import DEFAULT_MAX_LENGTH
+from training.replay import REPLAY_SHARE
 from training.methods import kind_names
 
 
@@ -67,6 +68,10 @@ def train(
     from_ref: Annotated[str | None, typer.Option(
         "--from", help="Warm-start from this version (NAME[:N|@ALIAS]); the same as --init NAME[:N|@ALIAS].")]
         = None,
+    replay: Annotated[float, typer.Option(
+        "--replay", help="Share of a warm-started run's training examples replayed from the stored training rows "
+                         "of the domains its starting version covers, so the new version keeps serving them "
+                         "(0 = the new domain's rows only).")] = REPLAY_SHARE,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of init, data order and dropout.")] = 0,
     option: Annotated[list[str] | None, typer.Option(
@@ -88,7 +93,7 @@ def train(
     config = TrainConfig(
         method=method.value if method else None, name=name, steps=steps, epochs=epochs, batch_size=batch_size,
         max_length=max_length, lr=lr, rank=rank, dtype=dtype.value, from_ref=from_ref,
-        init=init if init is not None or from_ref is not None else "auto", resume=resume, seed=seed,
+        init=init if init is not None or from_ref is not None else "auto", replay=replay, resume=resume, seed=seed,
         method_options=_options(option or []), progress=not json_)
     added = add_domain(ws, domain, data, eval_, config, audit=audit,
                        audit_options={"progress": not json_, "log": lambda m: console().print(m, style="dim")},

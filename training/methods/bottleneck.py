@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from registry.errors import BadInputError, IntegrityError
+from registry.names import whole_number
 from training.methods import register_method
 
 DEFAULT_LR = 1e-3
@@ -72,14 +73,9 @@ class BottleneckSettings:
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise BadInputError(f"bottleneck placement {self.placement!r} is invalid: use pfeiffer or houlsby")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
-                or self.reduction_factor < 1:
-            raise BadInputError(f"bottleneck reduction factor {self.reduction_factor!r} is invalid: "
-                                f"use a whole number >= 1 (e.g. 16)")
-        if self.bottleneck_size is not None and (isinstance(self.bottleneck_size, bool)
-                                                 or not isinstance(self.bottleneck_size, int)
-                                                 or self.bottleneck_size < 1):
-            raise BadInputError(f"bottleneck size {self.bottleneck_size!r} is invalid: use a whole number >= 1")
+        whole_number(self.reduction_factor, "bottleneck reduction factor", 1, example=16)
+        if self.bottleneck_size is not None:
+            whole_number(self.bottleneck_size, "bottleneck size", 1)
         if self.non_linearity not in ACTIVATIONS:
             raise BadInputError(f"bottleneck non-linearity {self.non_linearity!r} is invalid: "
                                 f"use one of {', '.join(ACTIVATIONS)}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.errors import BadInputError, IntegrityError
+from registry.names import whole_number
 from training.methods import register_method
 
 DEFAULT_LR = 2e-4
@@ -65,8 +66,7 @@ class LoraSettings:
     """names of the linear layers to adapt; None = the architecture's defaults"""
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise BadInputError(f"LoRA rank {self.r!r} is invalid: the rank must be a whole number >= 1 (e.g. --rank 8)")
+        whole_number(self.r, "LoRA rank", 1, example=8)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise BadInputError(f"LoRA alpha {self.alpha!r} is invalid: use a number > 0 (e.g. 16)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
