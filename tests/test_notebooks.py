@@ -42,3 +42,4 @@ def test_forgetting_audit_notebook(nb_env, monkeypatch):
     nb = run_notebook("forgetting_audit.ipynb", nb_env, monkeypatch)  # reads the quickstart's workspace
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "sequential  BWT" in text and "stored figures" in text
+    assert "'joint':" in text and "'merged':" in text and "covers ['" in text  # the transfer section
