@@ -13,6 +13,12 @@ event loop), and `render()` writes the text:
     batch_step(size)                       one decode step computed `size` rows
     queue_depth(n)                         `n` requests wait for a batch now
 
+The routes (app.py) call the two request hooks, so every scheduler gets them for free; a
+scheduler (`Batcher(routed, config, metrics)`) calls the other four from its decode loop:
+`first_token` at a row's first token (now - `Ticket.arrived`), `token` at every later one
+(now - the row's previous token), `batch_step` once per decode step, `queue_depth` when its
+queue changes (the /metrics route also sets it from `queue_depth()` when scraped).
+
 The metrics (all named `plait_`):
 
     plait_requests_received_total{kind}            counter
