@@ -21,6 +21,8 @@ def serve(
     ] = False,
     docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")
                     ] = False,
+    metrics_public: Annotated[bool, typer.Option(
+        "--metrics-public", help="Answer GET /metrics (Prometheus) without the API key (off by default).")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
         "--max-wait-ms", help="How long to gather more requests after the first one arrives.")] = 10.0,
@@ -52,7 +54,8 @@ def serve(
     config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                           max_body_bytes=max_body_bytes, max_messages=max_messages,
-                          max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs)
+                          max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs,
+                          metrics_public=metrics_public)
     ws = open_workspace(workspace)
     auth = "API key required" if api_key else "no API key"
     typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 ({auth}; model = auto | base | NAME[:V|@ALIAS])",

@@ -40,6 +40,9 @@ class ServerConfig:
     """Longest /v1/route input in characters; longer ones get 413."""
     docs: bool = False
     """Serve /docs, /redoc and /openapi.json (off: they describe every route to anyone)."""
+    metrics_public: bool = False
+    """Answer GET /metrics without the API key (off: traffic figures are the operator's; Prometheus
+    sends the key with `authorization: {credentials: KEY}` in its scrape config)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "default_chat_max_tokens",
