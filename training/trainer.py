@@ -80,7 +80,7 @@ class TrainConfig:
     rank: int | None = None
     """LoRA rank, or bottleneck size for bottleneck adapters; None = the kind's default"""
     dtype: str = "auto"
-    """auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32 or bf16"""
+    """auto (the faster of fp32 and bf16 autocast on this machine, timed once: `training.precision`), fp32 or bf16"""
     from_ref: str | None = None
     """warm-start from this registered version (NAME, NAME:3, NAME@alias); the same as init=REF"""
     init: str | None = None
