@@ -108,7 +108,8 @@ def run_demo(workspace: Path, settings: DemoSettings = FULL, console=None) -> di
         train_path, eval_path = data[domain]
         steps = settings.code_steps if domain == CODE_DOMAIN and settings.code_steps else settings.steps
         result = ws.add_domain(domain, train_path, eval_path, method=kind, steps=steps,
-                               batch_size=settings.batch_size, max_length=settings.max_length, audit=False)
+                               batch_size=settings.batch_size, max_length=settings.max_length, audit=False,
+                               log=lambda line: c.print(line, style="dim"))  # re-pointed domains, validation time
         v, m = result.train.version, result.train.metrics
         c.print(f"registered [bold]{v.ref}[/bold] ({v.kind}): eval loss {m['eval_loss']:.3f} "
                 f"(base {m['base_eval_loss']:.3f}), {m['train_tokens_per_s']:.0f} tokens/s; router "
