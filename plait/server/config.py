@@ -42,9 +42,11 @@ class ServerConfig:
     """Serve /docs, /redoc and /openapi.json (off: they describe every route to anyone)."""
     max_adapters: int | None = None
     """Most adapters loaded at once (least recently used unheld ones are evicted); None: sized for the
-    machine (`routing.residency.default_max_adapters`)."""
+    machine (`routing.residency.default_max_adapters`). `serve()` builds its RoutedModel with it;
+    `create_app(routed, ...)` serves a RoutedModel built already (`RoutedModel(max_adapters=)`)."""
     preload: tuple[str, ...] = field(default_factory=tuple)
-    """Adapter references loaded at start and never evicted (an alias reference follows its alias)."""
+    """Adapter references loaded at start and never evicted (an alias reference follows its alias);
+    used by `serve()` like `max_adapters`."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "default_chat_max_tokens",
