@@ -267,3 +267,12 @@ def test_perplexity_router_refuses_a_smaller_limit(ws, capsys):
     assert code == 2 and err.strip().endswith(message)
     code = main(["serve", "--workspace", str(ws.path), "--max-adapters", "0"])
     assert code == 2 and "--max-adapters 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_malformed_preload_before_loading(tmp_path, capsys):
+    from plait.cli import main
+
+    code = main(["serve", "--workspace", str(tmp_path / "nowhere"), "--preload", "a0,,a1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == ("error: --preload 'a0,,a1': give adapter references separated by commas "
+                                         "(NAME, NAME:V or NAME@ALIAS), e.g. --preload law@production,news:2")
