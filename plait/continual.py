@@ -129,6 +129,7 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
         StaleRouterError: other writers got in first `ROUTER_CHANGE_ATTEMPTS` times in a row.
     """
     from routing.routers import get_router_class, load_router, read_files
+    from routing.routers._features import cached_embeddings
 
     reg = ws.registry
     kind = kind or ws.router_kind
@@ -147,9 +148,12 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
             texts, sources[d] = heldout_texts(reg, d)
             if texts:
                 heldout[d] = texts
-        calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
-        metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout),
-                   "heldout_split": sources, **extra}
+        # the held-out texts are frozen: their embeddings are cached by content hash, so only the
+        # new domain's rows are encoded (routing.routers._features)
+        with cached_embeddings():
+            calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
+            metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout),
+                       "heldout_split": sources, **extra}
         try:
             return reg.register_router(kind, kind=kind, files=router.to_files(),
                                        covers=[router.refs[d] for d in router.domains], metrics=metrics,
