@@ -126,6 +126,12 @@ def build(root: Path, n: int, doms: dict, loras: list[Path], base: Path):
     from plait.continual import ROUTER_TEXTS_PER_DOMAIN, change_router
     from plait.workspace import Workspace
 
+    if (root / f"ws-{n}" / "plait.toml").is_file():  # built earlier (--build-only): reuse it as it is
+        ws = Workspace(root / f"ws-{n}")
+        if len(ws.registry.search_domains()) == n - 1 and ws.registry.search_audits():
+            print(f"[{n}] reusing the workspace built in {ws.path}", flush=True)
+            return ws
+        raise SystemExit(f"{ws.path} is not a finished build of {n - 1} domains: delete it and build again")
     ws = Workspace.init(root / f"ws-{n}", base_model=str(base))
     names = list(doms)[:n - 1]
     refs = {}
@@ -282,9 +288,12 @@ def smollm2_lora_bytes(r: int = 8) -> int:
     return 30 * r * ((576 + 576) + (576 + 192)) * 4
 
 
-def run_size(n: int, root: Path, loras: list[Path], base: Path, profile_dir: Path | None) -> dict:
+def run_size(n: int, root: Path, loras: list[Path], base: Path, profile_dir: Path | None,
+             build_only: bool = False) -> dict | None:
     doms = domains(n)
     ws = build(root, n, doms, loras, base)
+    if build_only:
+        return None
     last = list(doms)[-1]
     profile = profile_dir / f"add-domain-{n}.prof" if profile_dir else None
     update_s, audit_s, audit, calls = add_one(ws, last, doms[last], loras[(n - 1) % len(loras)], profile)
@@ -303,6 +312,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="append the results here")
     ap.add_argument("--keep", type=Path, help="build the workspaces here (kept) instead of a temp folder")
     ap.add_argument("--pin", action="store_true", help="write bench/scale_domains.txt from this Python")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only build the workspaces into --keep (a later run with the same --keep measures them)")
     args = ap.parse_args()
     if args.pin:
         return write_pins()
@@ -312,11 +323,14 @@ def main() -> None:
         root = args.keep or Path(d)
         root.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("PLAIT_CACHE", str(root / "cache"))
-        base = make_tiny_base(root / "base")
-        loras = [make_peft_lora(base, root / f"lora-{i}", seed=100 + i) for i in range(N_LORAS)]
+        base = root / "base" if (root / "base" / "config.json").is_file() else make_tiny_base(root / "base")
+        loras = [root / f"lora-{i}" if (root / f"lora-{i}" / "adapter_config.json").is_file()
+                 else make_peft_lora(base, root / f"lora-{i}", seed=100 + i) for i in range(N_LORAS)]
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-        results = [run_size(int(n), root, loras, base, args.profile) for n in args.sizes.split(",")]
+        results = [run_size(int(n), root, loras, base, args.profile, args.build_only) for n in args.sizes.split(",")]
+        if args.build_only:
+            return
     print(f"\n{'domains':>8} {'update s':>9} {'audit s':>8} {'route ms/q':>11} {'acc':>6} {'centroid':>9} "
           f"{'ctrl->base':>10} {'router MB':>10} {'list ms':>8} {'show ms':>8}")
     for r in results:

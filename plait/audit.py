@@ -258,6 +258,12 @@ class _Auditor:
             self.eval_cache[domain] = _texts(self.reg.get_domain_eval(domain))
         return self.eval_cache[domain]
 
+    def prefetch(self, domains: list[str]) -> None:
+        """Read the eval sets of `domains` not read yet, with one registry query."""
+        todo = [d for d in domains if d not in self.eval_cache]
+        for d, rows in self.reg.get_many_domain_rows(todo, "eval").items():
+            self.eval_cache[d] = _texts(rows)
+
     def row_losses(self, domain: str, routings, key: tuple | None = None):
         """Per-row losses of the domain's eval set; with `key` (("base",) or ("one", ref): a
         routing that is the same for every row and fixed for the audit) cached for this audit."""
@@ -338,6 +344,7 @@ class _Auditor:
         key = stage.info.id
         if key not in self.decided:
             domains = [d for d in self.order if d in stage.refs] or [domain]
+            self.prefetch(domains)
             if domain not in domains:
                 domains.append(domain)
             texts = [t[:1000] for d in domains for t in self.eval_set(d)[0]]
@@ -879,8 +886,9 @@ def _integrity(ws, plan: _Plan, stored: _StoredFigures, matrices) -> list[str]:
         return problems + [f"base model unreadable: {e}"]
     stage, L = plan.current, len(plan.order) - 1
     refs = dict.fromkeys(r for d in plan.order for r in (stage.refs.get(d), stage.own.get(d)) if r)
+    versions = {v.ref: v for v in ws.registry.search_versions(include_archived=True)}  # one query, not one a ref
     for ref in refs:
-        info = ws.registry.get_version(ref)
+        info = versions.get(ref) or ws.registry.get_version(ref)
         if info.base_fingerprint != base_fp:
             problems.append(f"{ref} was trained on base {info.base_fingerprint[:23]}…, the workspace base is "
                             f"{base_fp[:23]}…")
