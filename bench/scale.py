@@ -128,12 +128,12 @@ def build(root: Path, n: int, doms: dict, loras: list[Path], base: Path):
 
     if (root / f"ws-{n}" / "plait.toml").is_file():  # built earlier (--build-only): reuse it as it is
         ws = Workspace(root / f"ws-{n}")
-        if len(ws.registry.search_domains()) == n - 1 and ws.registry.search_audits():
+        if len(ws.registry.search_domains()) in (n - 1, n) and ws.registry.search_audits():
             print(f"[{n}] reusing the workspace built in {ws.path}", flush=True)
             return ws
         raise SystemExit(f"{ws.path} is not a finished build of {n - 1} domains: delete it and build again")
     ws = Workspace.init(root / f"ws-{n}", base_model=str(base))
-    names = list(doms)[:n - 1]
+    names = list(doms)[:n - 1]  # (doms holds n + 1: a rerun on a kept workspace adds domain n + 1)
     refs = {}
     t = time.perf_counter()
     for i, d in enumerate(names):
@@ -192,8 +192,11 @@ def add_one(ws, name: str, rows: dict, lora: Path, profile: Path | None):
     from plait.audit import run_audit
     from plait.continual import update_router
 
+    from routing.routers.embedding import minilm_model
+
     ref = register(ws, name, rows, lora)
     drop_process_caches(ws)
+    minilm_model()  # importing sentence-transformers and loading MiniLM (~12 s cold) is the same at every size
     prof = cProfile.Profile() if profile else None
     calls = count_engine_calls()
     t = time.perf_counter()
@@ -237,6 +240,7 @@ def routing_figures(ws, doms: dict) -> dict:
 
     from plait.datasets import AUDIT_CONTROL
     from routing.routers import load_router, read_files
+    from routing.routers._features import cached_embeddings
 
     reg = ws.registry
     router = load_router(read_files(reg.router_path(reg.get_router(ws.router_kind))))
@@ -248,15 +252,15 @@ def routing_figures(ws, doms: dict) -> dict:
     for b in batches:
         router.route(b)
     per_query_ms = (time.perf_counter() - t) * 1000 / sum(len(b) for b in batches)
-    probs, _ = router.scored(texts)
+    with cached_embeddings():  # the eval rows were encoded by the audit: reuse those embeddings
+        probs, _ = router.scored(texts)
+        decisions = router.route(texts)
+        # nearest centroid on the same MiniLM embeddings: the router's own dense prototypes are the
+        # unit means of each domain's training-text embeddings (first embed_chars characters)
+        q = router.encoder.encode([t[:router.embed_chars] for t in texts])
     acc = float((probs.argmax(-1) == torch.tensor(labels)).float().mean())
-    decisions = router.route(texts)
     acc_fb = sum(d.domain == router.domains[y] for d, y in zip(decisions, labels)) / len(texts)
-    enc = router.encoder
-    chars = router.embed_chars
-    protos = torch.stack([torch.nn.functional.normalize(enc.encode([t[:chars] for t in doms[d]["train"]]).mean(0), dim=0)
-                          for d in router.domains])
-    nc = float(((enc.encode([t[:chars] for t in texts]) @ protos.T).argmax(-1) == torch.tensor(labels)).float().mean())
+    nc = float(((q @ router.dense._prototype_matrix().T).argmax(-1) == torch.tensor(labels)).float().mean())
     control = router.route(list(AUDIT_CONTROL))
     size = sum(p.stat().st_size for p in reg.router_path(reg.get_router(ws.router_kind)).iterdir())
     return {"route_ms_per_query": per_query_ms, "accuracy": acc, "accuracy_with_fallback": acc_fb,
@@ -290,14 +294,16 @@ def smollm2_lora_bytes(r: int = 8) -> int:
 
 def run_size(n: int, root: Path, loras: list[Path], base: Path, profile_dir: Path | None,
              build_only: bool = False) -> dict | None:
-    doms = domains(n)
+    doms = domains(n + 1)
     ws = build(root, n, doms, loras, base)
     if build_only:
         return None
-    last = list(doms)[-1]
+    have = len(ws.registry.search_domains())  # n - 1; n when a measured run already added domain n
+    last = list(doms)[have]
     profile = profile_dir / f"add-domain-{n}.prof" if profile_dir else None
     update_s, audit_s, audit, calls = add_one(ws, last, doms[last], loras[(n - 1) % len(loras)], profile)
-    out = {"domains": n, "router_update_s": update_s, "audit_s": audit_s, "add_domain_s": update_s + audit_s,
+    print(f"[{n}] router update {update_s:.2f} s, audit {audit_s:.2f} s, engine calls {calls}", flush=True)
+    out = {"domains": have + 1, "router_update_s": update_s, "audit_s": audit_s, "add_domain_s": update_s + audit_s,
            "audit_engine_calls": calls["calls"], "audit_engine_rows": calls["rows"], "audit_passed": audit.passed,
            **routing_figures(ws, doms), **registry_figures(ws, list(doms)[0]),
            "adapter_bytes": adapter_bytes(loras[0]), "smollm2_lora_r8_bytes": smollm2_lora_bytes()}

@@ -283,7 +283,10 @@ class Versions(RegistryContext):
         """
         def tx():
             with self._session(write=True) as s:
-                ids: dict[str, int] = {}
+                # exact refs (NAME:V) resolved in one query; anything else (an alias) one by one
+                ids: dict[str, int] = {f"{name}:{v}": i for name, v, i in s.exec(
+                    select(Adapter.name, AdapterVersion.version, AdapterVersion.id)
+                    .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()} if len(rows) > 8 else {}
                 for r in rows:
                     if r["ref"] not in ids:
                         ids[r["ref"]] = self._resolve_row(s, r["ref"])[1].id

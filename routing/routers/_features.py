@@ -29,6 +29,7 @@ from typing import Any
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("plait_embedding_cache", default=False)
 _MEMORY: dict[str, dict[str, Any]] = {}  # encoder key -> {text sha256: [dim] float32 vector}
 _DIRTY: set[str] = set()
+_TERMS: dict[tuple, dict[int, float]] = {}  # (text, buckets, bigrams) -> hashed terms, this process
 _LOCK = threading.Lock()
 #: how many encoder calls filled the cache (for tests and the scale bench)
 STATS = {"encoded_texts": 0, "cached_texts": 0}
@@ -39,6 +40,7 @@ def clear_memory_cache() -> None:
     with _LOCK:
         _MEMORY.clear()
         _DIRTY.clear()
+        _TERMS.clear()
 
 
 def cache_dir() -> Path:
@@ -99,6 +101,17 @@ def encode_cached(spec: dict[str, Any], texts: list[str], encode: Callable[[list
     STATS["encoded_texts"] += len(todo)
     STATS["cached_texts"] += len(texts) - len(todo)
     return torch.stack([table[h] for h in hashes])
+
+
+def cached_terms(text: str, buckets: int, bigrams: bool, terms: Callable[..., dict[int, float]]):
+    """`terms(text, buckets, bigrams)` (the word model's hashed terms), kept in memory while
+    `cached_embeddings()` is active: calibration and evaluation read the same held-out texts."""
+    if not _ACTIVE.get():
+        return terms(text, buckets, bigrams)
+    key = (text, buckets, bigrams)
+    if key not in _TERMS:
+        _TERMS[key] = terms(text, buckets, bigrams)
+    return _TERMS[key]
 
 
 def flush() -> None:

@@ -124,9 +124,11 @@ class LexicalRouter(RouterCore):
         import numpy as np
         import scipy.sparse as sp
 
+        from routing.routers._features import cached_terms
+
         indptr, indices, values = [0], [], []
         for t in texts:
-            feats = hashed_terms(t, self.buckets, self.bigrams)
+            feats = cached_terms(t, self.buckets, self.bigrams, hashed_terms)
             total = sum(feats.values())
             indices += feats.keys()
             values += [v / total for v in feats.values()]
