@@ -89,6 +89,8 @@ BASELINE_SEED = 0
 OUTPUT_TOLERANCE = 1e-4
 #: how far the routed system may sit above the base on the control set (nats)
 CONTROL_TOLERANCE = 0.05
+#: above this many domains the heatmap has no labels and the report no domains x stages table
+HEATMAP_LABELS = 40
 
 
 @dataclass
@@ -187,7 +189,9 @@ def _plan(reg, kind: str, all_domains: list[str], order: list[str]) -> _Plan:
     if plan.last_stage not in stages:
         raise NotFoundError(f"no router version covers the first {plan.last_stage + 1} domains; train a domain to "
                             f"fit one")
-    own_versions = {d: sorted(reg.search_versions(domain=d), key=lambda v: v.created_at) for d in all_domains}
+    own_versions: dict[str, list] = {}  # one query for every domain's versions, not one per domain
+    for v in sorted(reg.search_versions(), key=lambda v: v.created_at):
+        own_versions.setdefault(v.domain, []).append(v)
     for st in stages.values():
         for d in st.refs:  # a domain's own versions registered up to the router version's registration
             mine = [v for v in own_versions.get(d, []) if v.created_at <= st.info.created_at]
@@ -205,18 +209,31 @@ class _StoredFigures:
     """
 
     def __init__(self, reg):
-        routers = {a.id: a.summary.get("stage_routers") or {} for a in reg.search_audits()}
+        audits = reg.search_audits()
+        routers = {a.id: a.summary.get("stage_routers") or {} for a in audits}
         self.values: dict[tuple, float] = {}
+        self.any: dict[tuple, float] = {}  # (system, domain, what) -> the newest figure at any stage
+        # (domain, digest of the routing decisions of its eval rows) -> routed loss (`routed_digest`)
+        self.routed: dict[tuple[str, str], float] = {}
+        for a in audits:  # oldest first
+            for d, r in (a.summary.get("routed_rows") or {}).items():
+                self.routed[(d, r["digest"])] = r["loss"]
         self.own_rows: dict[tuple, dict[str, Any]] = {}  # (stage, domain) -> the newest own figure
         for m in reg.search_audit_metrics("R."):  # oldest first: the newest wins
             system = m["name"][len("R."):-len(".loss")]
             what = {"base": None, "routed": routers.get(m["audit_id"], {}).get(str(m["stage"]))}.get(system, m["ref"])
             self.values[(system, m["stage"], m["eval_domain"], what)] = m["value"]
+            self.any[(system, m["eval_domain"], what)] = m["value"]
             if system == "own":
                 self.own_rows[(m["stage"], m["eval_domain"])] = m
 
     def get(self, system: str, stage: int, domain: str, what: str | None = None) -> float | None:
         return self.values.get((system, stage, domain, what))
+
+    def same(self, system: str, domain: str, what: str | None = None) -> float | None:
+        """A figure that does not depend on the stage: the base, or one exact version (`own`), on
+        the domain's frozen eval rows at the workspace's one eval length, from any stage."""
+        return self.any.get((system, domain, what))
 
 
 class _Auditor:
@@ -232,11 +249,20 @@ class _Auditor:
         self.routers: dict[int, Any] = {}
         self.row_cache: dict[tuple, Any] = {}  # (domain, ("base",) | ("one", ref)) -> per-row losses
         self.merge_model = None  # a full-precision base for peft merges, loaded on first use
+        self.decided: dict[int, dict[str, list]] = {}  # router version id -> domain -> decisions
+        self.routed_rows: dict[str, dict[str, Any]] = {}  # final stage: domain -> {digest, loss}
+        self.order: list[str] = []  # the audited domains (set by run_audit)
 
     def eval_set(self, domain: str):
         if domain not in self.eval_cache:
             self.eval_cache[domain] = _texts(self.reg.get_domain_eval(domain))
         return self.eval_cache[domain]
+
+    def prefetch(self, domains: list[str]) -> None:
+        """Read the eval sets of `domains` not read yet, with one registry query."""
+        todo = [d for d in domains if d not in self.eval_cache]
+        for d, rows in self.reg.get_many_domain_rows(todo, "eval").items():
+            self.eval_cache[d] = _texts(rows)
 
     def row_losses(self, domain: str, routings, key: tuple | None = None):
         """Per-row losses of the domain's eval set; with `key` (("base",) or ("one", ref): a
@@ -304,11 +330,35 @@ class _Auditor:
             out["own"] = (self.loss(domain, Routing.one(self.load(own)), key=("one", own)) if own
                           else self.loss(domain, Routing.base(), key=("base",)))
         if "routed" in systems:
-            texts, _ = self.eval_set(domain)
-            decisions = self.stage_router(stage.info).route([t[:1000] for t in texts])
+            decisions = self.decisions(stage, domain)
             out["routed"] = float(self.routed_row_losses(domain, decisions).mean())
             out["routing_accuracy"] = sum(d.domain == domain for d in decisions) / len(decisions)
         return out
+
+    def decisions(self, stage: _Stage, domain: str):
+        """The stage router's decisions on the domain's eval rows. Every audited domain's rows are
+        routed in one batch per stage (one sparse product over the domains, not one per domain),
+        with their embeddings cached by content (`routing.routers._features`)."""
+        from routing.routers._features import cached_embeddings
+
+        key = stage.info.id
+        if key not in self.decided:
+            domains = [d for d in self.order if d in stage.refs] or [domain]
+            self.prefetch(domains)
+            if domain not in domains:
+                domains.append(domain)
+            texts = [t[:1000] for d in domains for t in self.eval_set(d)[0]]
+            with cached_embeddings():
+                flat = self.stage_router(stage.info).route(texts)
+            self.decided[key], at = {}, 0
+            for d in domains:
+                n = len(self.eval_set(d)[0])
+                self.decided[key][d], at = flat[at:at + n], at + n
+        if domain not in self.decided[key]:
+            with cached_embeddings():
+                self.decided[key][domain] = self.stage_router(stage.info).route(
+                    [t[:1000] for t in self.eval_set(domain)[0]])
+        return self.decided[key][domain]
 
     def record(self, system: str, ref: str, stage: int, domain: str, value: float) -> None:
         """Keep a figure measured now, to store with the audit."""
@@ -363,6 +413,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         return _failed_audit(ws, order, broken, max_forgetting, out_dir, t0)
     plan = _plan(reg, ws.router_kind, all_domains, order)
     aud = _Auditor(ws, max_length, progress, log)
+    aud.order = order
     stored = _StoredFigures(reg)
     matrices, routing_accuracy = _system_matrices(aud, plan, stored)
     baseline_info = _baselines(ws, aud, plan, stored, matrices, baselines, merge, baseline_lr)
@@ -428,23 +479,49 @@ def _system_matrices(aud: _Auditor, plan: _Plan, stored: _StoredFigures):
 
 
 def _cell(aud: _Auditor, stage: _Stage, domain: str, stored: _StoredFigures, current: bool):
-    """One stage's base, own and routed figures on one domain: stored, else measured and kept."""
+    """One stage's base, own and routed figures on one domain: stored, else measured and kept.
+
+    A figure is measured only when nothing stored says what it is: the base's and a version's
+    loss on a domain's frozen eval rows are the same at every stage (`_StoredFigures.same`), and
+    the routed loss is the same whenever the router makes the same decision for every row
+    (`routed_digest`). So the audit after domain N measures the new domain, the previous stage on
+    it (FWT) and the domains whose routing changed; the rest is read. The final stage's figures
+    are recorded again under this audit (copies), so each audit holds its final row.
+    """
     own = stage.own.get(domain)
     got = {"base": stored.get("base", stage.index, domain),
            "routed": stored.get("routed", stage.index, domain, stage.info.ref)}
     # without an own version the oracle is the base model: the stored base figure stands for it
     got["own"] = stored.get("own", stage.index, domain, own) if own else got["base"]
-    need = [s for s in SYSTEMS if current or got[s] is None]
-    if not need:
-        return got, {}
-    if aud.log:
-        aud.log(f"  measuring stage {stage.index + 1} ({stage.info.ref}) on {domain}: {', '.join(need)}")
-    fresh = aud.measure(stage, domain, tuple(need))
-    for s in need:
-        got[s] = fresh[s]
+    fresh: dict[str, float] = {}
+    if current:
+        got["base"] = stored.same("base", domain) if got["base"] is None else got["base"]
+        got["own"] = (stored.same("own", domain, own) if own else got["base"]) if got["own"] is None else got["own"]
+        decisions = aud.decisions(stage, domain)
+        digest = routed_digest(decisions)
+        got["routed"] = stored.routed.get((domain, digest))
+        fresh["routing_accuracy"] = sum(d.domain == domain for d in decisions) / len(decisions)
+    need = [s for s in SYSTEMS if got[s] is None]
+    if need:
+        if aud.log:
+            aud.log(f"  measuring stage {stage.index + 1} ({stage.info.ref}) on {domain}: {', '.join(need)}")
+        fresh.update(aud.measure(stage, domain, tuple(need)))
+        got.update({s: fresh[s] for s in need})
+    for s in (SYSTEMS if current else need):
         ref = {"own": own, "routed": stage.refs.get(domain)}.get(s) or stage.refs.get(domain) or stage.anchor
-        aud.record(s, ref, stage.index, domain, fresh[s])
+        aud.record(s, ref, stage.index, domain, got[s])
+    if current:
+        aud.routed_rows[domain] = {"digest": digest, "loss": got["routed"]}
     return got, fresh
+
+
+def routed_digest(decisions) -> str:
+    """sha256 of what the router decided for each row: (ref, weight) pairs, or the base. Refs are
+    exact, immutable and hash-checked, and the eval rows frozen: equal digests, equal losses."""
+    import hashlib
+
+    rows = [[(a.ref, round(a.weight, 6)) for a in d.adapters] for d in decisions]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def _baselines(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices, baselines, merge: str,
@@ -468,7 +545,7 @@ def _result(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices, ro
     order, L = plan.order, len(plan.order) - 1
     base_row = [matrices["base"][L][j] for j in range(len(order))]
     metrics = {s: (final_stage_metrics(R[L], order, higher_is_better=False) if s in ONE_STAGE
-                   else continual_metrics(R, order, higher_is_better=False, base=base_row)).to_dict()
+                   else _staged_metrics(plan, R, base_row)).to_dict()
                for s, R in matrices.items()}
     control = _control(aud, plan.current)
     integrity = _integrity(ws, plan, stored, matrices)
@@ -488,13 +565,35 @@ def _result(ws, aud: _Auditor, plan: _Plan, stored: _StoredFigures, matrices, ro
                        stage_routers=[st.info.ref if st else None for st in stages])
 
 
+def _staged_metrics(plan: _Plan, R, base_row):
+    """ACC, BWT, FWT and forgetting (Avalanche), over the domains that had a stage of their own.
+
+    Domains added together in one router version (several jobs landing in one update, adapters
+    imported in bulk) have no row of their own before the stage that covers them all: they get
+    no forgetting figure, FWT is left out when consecutive stages are missing, and ACC is the
+    mean of the whole final row. With every stage present this is `continual_metrics` as is.
+    """
+    staged = [i for i, _, stage in plan.rows() if stage is not None]
+    if len(staged) == len(plan.order):
+        return continual_metrics(R, plan.order, higher_is_better=False, base=base_row)
+    sub = [[R[a][b] for b in staged] for a in staged]
+    gaps = any(b != a + 1 for a, b in zip(staged, staged[1:]))
+    m = continual_metrics(sub, [plan.order[j] for j in staged], higher_is_better=False,
+                          base=None if gaps else [base_row[j] for j in staged])
+    m.acc = sum(R[-1]) / len(R[-1])
+    return m
+
+
 def _control(aud: _Auditor, stage: _Stage) -> dict[str, float]:
     """The routed system against the base on general text outside every domain."""
     from routing.engine import Routing
 
+    from routing.routers._features import cached_embeddings
+
     router = aud.stage_router(stage.info)
     texts = list(AUDIT_CONTROL)
-    decisions = router.route(texts)
+    with cached_embeddings():
+        decisions = router.route(texts)
     routed = [Routing.blend([(aud.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
     base = float(aud.rm.engine.loss(texts, Routing.base()).mean())
     routed_loss = float(aud.rm.engine.loss(texts, routed).mean())
@@ -510,7 +609,7 @@ def _store(ws, aud: _Auditor, plan: _Plan, result: AuditResult, max_length: int,
                "integrity": result.integrity, "passed": result.passed, "reasons": result.reasons,
                "max_forgetting": result.max_forgetting, "max_length": max_length, "router": plan.current.info.ref,
                "matrices": result.matrices, "baselines": result.baselines, "served": result.served,
-               "own_versions": result.own_versions,
+               "own_versions": result.own_versions, "routed_rows": aud.routed_rows,
                # which router version each stage's routed figures measured: later audits reuse them only for it
                "stage_routers": {str(k): st.info.ref for k, st in plan.stages.items()}}
     audit = reg.create_audit(domains=result.domains, passed=result.passed, summary=summary)
@@ -787,8 +886,9 @@ def _integrity(ws, plan: _Plan, stored: _StoredFigures, matrices) -> list[str]:
         return problems + [f"base model unreadable: {e}"]
     stage, L = plan.current, len(plan.order) - 1
     refs = dict.fromkeys(r for d in plan.order for r in (stage.refs.get(d), stage.own.get(d)) if r)
+    versions = {v.ref: v for v in ws.registry.search_versions(include_archived=True)}  # one query, not one a ref
     for ref in refs:
-        info = ws.registry.get_version(ref)
+        info = versions.get(ref) or ws.registry.get_version(ref)
         if info.base_fingerprint != base_fp:
             problems.append(f"{ref} was trained on base {info.base_fingerprint[:23]}…, the workspace base is "
                             f"{base_fp[:23]}…")
@@ -828,6 +928,8 @@ def heatmap_figure(result: AuditResult):
     for ax, s in zip(axes, systems):
         image = ax.imshow(deltas[s], cmap=cmap, norm=norm)
         ax.set_title(s, fontsize=9)
+        if n > HEATMAP_LABELS:  # hundreds of domains: the colours only (labels would take minutes)
+            continue
         ax.set_xticks(range(n), result.domains, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), [f"after {d}" for d in result.domains], fontsize=7)
         for i in range(n):
@@ -894,6 +996,10 @@ def _report_served(result: AuditResult) -> list[str]:
     """Which version the router served each domain with at each stage, and each domain's own version."""
     if not result.served:
         return []
+    if len(result.domains) > HEATMAP_LABELS:  # one row per domain, not a domains x domains table
+        return ["", "## Versions serving each domain at the final stage (own = the oracle's version)", "",
+                "| domain | served | own |", "|---|---|---|"] + [
+            f"| {d} | {result.served[d][-1] or '-'} | {result.own_versions.get(d) or '-'} |" for d in result.domains]
     lines = ["", "## Versions serving each domain (router's choice per stage; own = the oracle's version)", "",
              "| stage | router | " + " | ".join(result.domains) + " |", "|---|---|" + "---|" * len(result.domains)]
     for i, d_i in enumerate(result.domains):

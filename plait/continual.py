@@ -68,6 +68,22 @@ def heldout_texts(reg, domain: str) -> tuple[list[str], str]:
     return [], "none"
 
 
+def _heldout_sets(reg, domains: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """`heldout_texts` of every domain: ({domain: texts}, {domain: split}), the validation sets
+    read with one registry query (issue 16: not one per domain); the few without one fall back
+    one by one."""
+    validation = reg.get_many_domain_rows(list(domains), "validation")
+    heldout, sources = {}, {}
+    for d in domains:
+        if d in validation:
+            texts, sources[d] = [row_input(r) for r in validation[d][:VALIDATION_MAX_ROWS]], "validation"
+        else:
+            texts, sources[d] = heldout_texts(reg, d)
+        if texts:
+            heldout[d] = texts
+    return heldout, sources
+
+
 def update_router(ws, domain: str, train_texts: list[str], ref: str, *, kind: str | None = None,
                   engine=None) -> Any:
     """Add `domain` (served by adapter version `ref`) to the newest router and register the result.
@@ -129,6 +145,7 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
         StaleRouterError: other writers got in first `ROUTER_CHANGE_ATTEMPTS` times in a row.
     """
     from routing.routers import get_router_class, load_router, read_files
+    from routing.routers._features import cached_embeddings
 
     reg = ws.registry
     kind = kind or ws.router_kind
@@ -142,14 +159,13 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
         extra = apply(router)
         if extra is None:
             return current
-        heldout, sources = {}, {}
-        for d in router.domains:
-            texts, sources[d] = heldout_texts(reg, d)
-            if texts:
-                heldout[d] = texts
-        calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
-        metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout),
-                   "heldout_split": sources, **extra}
+        heldout, sources = _heldout_sets(reg, router.domains)
+        # the held-out texts are frozen: their embeddings are cached by content hash, so only the
+        # new domain's rows are encoded (routing.routers._features)
+        with cached_embeddings():
+            calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
+            metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout),
+                       "heldout_split": sources, **extra}
         try:
             return reg.register_router(kind, kind=kind, files=router.to_files(),
                                        covers=[router.refs[d] for d in router.domains], metrics=metrics,

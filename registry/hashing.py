@@ -15,6 +15,8 @@ import json
 import math
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,102 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash"
 
 
 def sha256_file(path: Path) -> str:
-    """The hex sha256 of one file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """The hex sha256 of one file, read in 1 MiB chunks; an unchanged file is read once.
+
+    The digest is kept (in memory and in `hash_cache_path()`) under the file's path, size,
+    mtime_ns, ctime_ns and inode: any write changes its ctime, which user code cannot set
+    back, so a changed file is always read again. A file changed less than `RACY_NS` ago is
+    not kept (timestamps tick coarsely: a write in the same tick as the hash would keep the
+    old stamp), as git does with its racily clean index entries.
+    """
+    key = _stat_key(Path(path))
+    digest = _MEMO.get(key) or _cache_get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        digest = h.hexdigest()
+        HASH_STATS["hashed"] += 1
+        if time.time_ns() - max(key[3], key[4]) > RACY_NS:
+            _cache_put(key, digest)
+    else:
+        HASH_STATS["cached"] += 1
+    if time.time_ns() - max(key[3], key[4]) > RACY_NS:
+        _MEMO[key] = digest
+    return digest
+
+
+# ----------------------------------------------------------------------------- the hash cache
+#: files changed this recently (ns) are hashed every time (see sha256_file)
+RACY_NS = 2_000_000_000
+#: files read and digests reused, in this process (for tests and the scale bench)
+HASH_STATS = {"hashed": 0, "cached": 0}
+_MEMO: dict[tuple, str] = {}
+_DB: list = []  # [sqlite3.Connection] once opened; [None] when the cache cannot be used
+_DB_LOCK = threading.Lock()
+
+
+def hash_cache_path() -> Path:
+    """Where digests are kept across processes: `$PLAIT_CACHE/file-hashes.db` (default ~/.cache/plait)."""
+    return Path(os.environ.get("PLAIT_CACHE", Path.home() / ".cache" / "plait")) / "file-hashes.db"
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process digests and connection (as a new process would start)."""
+    with _DB_LOCK:
+        _MEMO.clear()
+        if _DB and _DB[0] is not None:
+            _DB[0].close()
+        _DB.clear()
+
+
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _db():
+    import sqlite3
+
+    if not _DB:
+        try:
+            where = hash_cache_path()
+            where.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(where), timeout=1.0, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=OFF")  # a cache: a lost row costs one re-hash
+            conn.execute("CREATE TABLE IF NOT EXISTS file_hash (path TEXT PRIMARY KEY, size INTEGER, "
+                         "mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+            _DB.append(conn)
+        except (OSError, sqlite3.Error):
+            _DB.append(None)
+    return _DB[0]
+
+
+def _cache_get(key: tuple) -> str | None:
+    import sqlite3
+
+    with _DB_LOCK:
+        try:
+            conn = _db()
+            row = conn.execute("SELECT size, mtime_ns, ctime_ns, ino, sha256 FROM file_hash WHERE path = ?",
+                               (key[0],)).fetchone() if conn else None
+        except sqlite3.Error:
+            return None
+    return row[4] if row and tuple(row[:4]) == key[1:] else None
+
+
+def _cache_put(key: tuple, digest: str) -> None:
+    import sqlite3
+
+    with _DB_LOCK:
+        try:
+            conn = _db()
+            if conn:
+                conn.execute("INSERT OR REPLACE INTO file_hash VALUES (?, ?, ?, ?, ?, ?)", (*key, digest))
+        except sqlite3.Error:
+            pass
 
 
 def list_tree(root: Path) -> list[Path]:

@@ -159,7 +159,32 @@ class Versions(RegistryContext):
                     m = m.where(Metric.value <= max_value)
                 q = q.where(AdapterVersion.id.in_(m))
             rows = s.exec(q.order_by(Adapter.name, AdapterVersion.version)).all()
+            return self._infos(s, rows)
+
+    def _infos(self, s, rows) -> list[VersionInfo]:
+        """`_info` of many (adapter, version) rows with four queries in all, not three per row
+        (issue 16: an audit reads every domain's versions)."""
+        if len(rows) <= 1:
             return [self._info(s, a, v) for a, v in rows]
+        ids = [v.id for _, v in rows]
+        domains = {d.id: d.name for d in s.exec(select(Domain)).all()}
+        names = {v.id: f"{a.name}:{v.version}" for a, v in s.exec(
+            select(Adapter, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()}
+        parents: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+        for edge in s.exec(select(Lineage).where(Lineage.child_id.in_(ids)).order_by(Lineage.id)).all():
+            parents[edge.child_id].append(
+                {"ref": names[edge.parent_id], "relation": edge.relation, "weight": edge.weight}
+                if edge.parent_id is not None else
+                {"base": edge.parent_base, "relation": edge.relation, "weight": edge.weight})
+        aliases: dict[int, list[str]] = {i: [] for i in ids}
+        for version_id, alias in s.exec(select(Alias.version_id, Alias.name).where(Alias.version_id.in_(ids))).all():
+            aliases[version_id].append(alias)
+        return [VersionInfo(
+            id=v.id, name=a.name, domain=domains[a.domain_id], kind=a.kind, version=v.version,
+            base_fingerprint=v.base_fingerprint, config=json.loads(v.config_json), sha256=v.sha256,
+            size_bytes=v.size_bytes, location=v.location, data_fingerprint=v.data_fingerprint,
+            mlflow_run_id=v.mlflow_run_id, status=v.status, description=v.description,
+            created_at=v.created_at, parents=parents[v.id], aliases=sorted(aliases[v.id])) for a, v in rows]
 
     def search_adapters(self, domain: str | None = None, kind: str | None = None) -> list[AdapterSummary]:
         """One summary per adapter (version count, newest version, aliases), by name."""
@@ -258,7 +283,10 @@ class Versions(RegistryContext):
         """
         def tx():
             with self._session(write=True) as s:
-                ids: dict[str, int] = {}
+                # exact refs (NAME:V) resolved in one query; anything else (an alias) one by one
+                ids: dict[str, int] = {f"{name}:{v}": i for name, v, i in s.exec(
+                    select(Adapter.name, AdapterVersion.version, AdapterVersion.id)
+                    .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()} if len(rows) > 8 else {}
                 for r in rows:
                     if r["ref"] not in ids:
                         ids[r["ref"]] = self._resolve_row(s, r["ref"])[1].id

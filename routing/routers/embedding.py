@@ -100,6 +100,12 @@ class MiniLMEncoder:
         self.bf16 = bool(bf16)
 
     def encode(self, texts: list[str]):
+        from routing.routers._features import encode_cached
+
+        # held-out sets are encoded once (inside `cached_embeddings()`); served queries are not kept
+        return encode_cached({**self.spec(), "bf16": self.bf16}, list(texts), self._encode)
+
+    def _encode(self, texts: list[str]):
         import torch
 
         model = minilm_model()
@@ -206,13 +212,21 @@ class EmbeddingRouter(RouterCore):
 
         q = self.encoder.encode(texts)
         if self.scoring == "prototype":
-            protos = torch.stack([self.prototypes[d] for d in self.domains])
-            return q @ protos.T
+            return q @ self._prototype_matrix().T
         cols = []
         for d in self.domains:
             sims = q @ self.embeddings[d].T
             cols.append(sims.topk(min(self.k, sims.shape[1]), dim=1).values.mean(1))
         return torch.stack(cols, dim=1)
+
+    def _prototype_matrix(self):
+        """[n_domains, dim] prototypes, stacked once per set of domains (not once per query)."""
+        import torch
+
+        key = tuple(self.domains)
+        if getattr(self, "_stacked", (None,))[0] != key:
+            self._stacked = (key, torch.stack([self.prototypes[d] for d in self.domains]))
+        return self._stacked[1]
 
     def _confidence(self, logits, probs):
         # the cosine similarity to the nearest domain: out-of-domain text is far from every

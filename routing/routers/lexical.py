@@ -69,7 +69,8 @@ class LexicalRouter(RouterCore):
             raise BadInputError(f"buckets={buckets!r} must be an integer in 1024..16777216 (e.g. 262144)")
         self.alpha, self.buckets, self.bigrams = float(alpha), buckets, bool(bigrams)
         self.counts: dict[str, tuple[Any, Any]] = {}  # domain -> (bucket indices int64, counts float32)
-        self._table = None  # cached [n_domains, buckets] log P(w | d), rebuilt when domains change
+        self._table = None  # cached sparse log P(w | d) of the domains in _table_domains (see _log_probs)
+        self._table_domains: list[str] = []
 
     def _reset(self) -> None:
         self.counts, self._table = {}, None
@@ -87,33 +88,68 @@ class LexicalRouter(RouterCore):
         idx = sorted(total)
         self.counts[domain] = (torch.tensor(idx, dtype=torch.int64),
                                torch.tensor([total[h] for h in idx], dtype=torch.float32))
-        self._table = None
 
     def _log_probs(self):
-        import torch
+        """The word model of every domain as (S, c): log P(w | d) = log(alpha) + S[d, w] + c[d].
 
-        if self._table is None or self._table.shape[0] != len(self.domains):
-            rows = []
-            for d in self.domains:
+        S is sparse (scipy CSR, [n_domains, buckets]): S[d, w] = log1p(n_dw / alpha) is 0 where
+        the domain never saw the bucket, so memory is the domains' non-zero counts, not
+        n_domains x buckets (1 MiB a domain dense), and a new domain appends one row instead of
+        rebuilding the table. c[d] = -log(n_d + alpha * buckets).
+        """
+        import numpy as np
+        import scipy.sparse as sp
+
+        if self._table is None or self._table[0].shape[0] != len(self.domains):
+            done = 0 if self._table is None else self._table[0].shape[0]
+            if done and self._table_domains != self.domains[:done]:
+                done = 0  # the order changed (a reload, a reset): build from scratch
+            rows, consts = [], []
+            for d in self.domains[done:]:
                 idx, val = self.counts[d]
-                dense = torch.zeros(self.buckets)
-                dense[idx] = val
-                rows.append(torch.log((dense + self.alpha) / (float(val.sum()) + self.alpha * self.buckets)))
-            self._table = torch.stack(rows)
+                v = val.double().numpy()
+                rows.append(sp.csr_matrix((np.log1p(v / self.alpha), (np.zeros(len(v), dtype=np.int64),
+                                                                      idx.numpy())), shape=(1, self.buckets)))
+                consts.append(-np.log(v.sum() + self.alpha * self.buckets))
+            if done:
+                rows, consts = [self._table[0], *rows], [self._table[1], np.array(consts)]
+            else:
+                consts = [np.array(consts)]
+            self._table = (sp.vstack(rows, format="csr"), np.concatenate(consts))
+            self._table_domains = list(self.domains)
         return self._table
 
+    def _features(self, texts: list[str]):
+        """Sparse [len(texts), buckets] of each text's term weights divided by their sum."""
+        import numpy as np
+        import scipy.sparse as sp
+
+        from routing.routers._features import cached_terms
+
+        indptr, indices, values = [0], [], []
+        for t in texts:
+            feats = cached_terms(t, self.buckets, self.bigrams, hashed_terms)
+            total = sum(feats.values())
+            indices += feats.keys()
+            values += [v / total for v in feats.values()]
+            indptr.append(len(indices))
+        return sp.csr_matrix((np.array(values, dtype=np.float64), np.array(indices, dtype=np.int64),
+                              np.array(indptr)), shape=(len(texts), self.buckets))
+
     def _score_logits(self, texts: list[str]):
+        """Mean log P(w | d) over each text's weighted terms, every domain in one sparse product:
+        sum_w f_w (log alpha + S[d, w] + c[d]) / sum_w f_w = log alpha + c[d] + (F S^T)[., d]."""
+        import math
+
+        import numpy as np
         import torch
 
-        table = self._log_probs()
-        out = torch.zeros(len(texts), len(self.domains))
-        for i, t in enumerate(texts):
-            feats = hashed_terms(t, self.buckets, self.bigrams)
-            if feats:
-                idx = torch.tensor(list(feats), dtype=torch.int64)
-                val = torch.tensor(list(feats.values()), dtype=torch.float32)
-                out[i] = (table[:, idx] @ val) / val.sum()
-        return out
+        S, c = self._log_probs()
+        q = self._features(texts)
+        out = np.asarray((q @ S.T).todense(), dtype=np.float64) + (c + math.log(self.alpha))[None, :]
+        empty = np.diff(q.indptr) == 0  # a text without words scores 0 everywhere, as before
+        out[empty] = 0.0
+        return torch.from_numpy(out).float()
 
     def _domain_tensors(self, domain: str) -> dict[str, Any]:
         idx, val = self.counts[domain]
