@@ -299,7 +299,7 @@ class _Auditor:
             else:
                 todo.append(i)
         if todo:
-            routings = [Routing.blend([(self.load(a.ref), a.weight) for a in decisions[i].adapters]) for i in todo]
+            routings = [Routing.merged([(self.load(a.ref), a.weight) for a in decisions[i].adapters]) for i in todo]
             out[todo] = self.rm.engine.loss([texts[i] for i in todo], routings,
                                             completions=[completions[i] for i in todo] if completions else None)
         return out
@@ -594,7 +594,7 @@ def _control(aud: _Auditor, stage: _Stage) -> dict[str, float]:
     texts = list(AUDIT_CONTROL)
     with cached_embeddings():
         decisions = router.route(texts)
-    routed = [Routing.blend([(aud.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
+    routed = [Routing.merged([(aud.load(a.ref), a.weight) for a in d.adapters]) for d in decisions]
     base = float(aud.rm.engine.loss(texts, Routing.base()).mean())
     routed_loss = float(aud.rm.engine.loss(texts, routed).mean())
     return {"base_loss": base, "routed_loss": routed_loss, "delta": routed_loss - base,

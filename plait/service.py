@@ -60,7 +60,7 @@ class Served:
     def routing(self):
         from routing.engine import Routing
 
-        return Routing.blend([(a["ref"], a["weight"]) for a in self.adapters])
+        return Routing.merged([(a["ref"], a["weight"]) for a in self.adapters])
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "domain": self.domain, "adapters": self.adapters}

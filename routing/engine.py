@@ -117,6 +117,15 @@ class Routing:
         return cls(tuple((n, w) for n, w in items))
 
     @classmethod
+    def merged(cls, pairs: Sequence[tuple[str, float]]) -> Routing:
+        """A router's blend, where several domains may be served by one version (re-pointing moves
+        a domain to another domain's version): the weights of a repeated adapter add up."""
+        total: dict[str, float] = {}
+        for name, weight in pairs:
+            total[name] = total.get(name, 0.0) + weight
+        return cls(tuple(total.items()))
+
+    @classmethod
     def coerce(cls, value: RoutingLike) -> Routing:
         """Accept a Routing, None or "" (base), an adapter name, a {name: weight} mapping or
         a sequence of (name, weight) pairs."""

@@ -158,3 +158,22 @@ def test_splits_on_tiny_data_and_the_cap(tmp_path):
     re = load_domain_data(tmp_path / "big.jsonl", validation_fraction=0.1, frozen=frozen)
     assert re.eval_source == "frozen" and [r.normalised() for r in re.validation] == frozen["validation"]
     assert {_content_key(r) for r in re.train} == keys[2] and len(read_rows(tmp_path / "big.jsonl")) == 2000
+
+
+def test_two_domains_served_by_one_version_blend_as_that_version(grown):
+    """After re-pointing, cats and law are both served by law:1: a top-k decision naming both must
+    blend law:1 once with the summed weight (it failed with "appears twice in one routing")."""
+    from plait.service import Served
+    from routing.engine import Routing
+
+    ws, *_ = grown
+    rm = ws.routed_model
+    rm.ensure_adapter("law:1")
+    texts = [r["text"] for r in ws.registry.get_domain_eval("cats")][:2]
+    both = Served("auto", "cats", [{"ref": "law:1", "domain": "cats", "weight": 0.6},
+                                   {"ref": "law:1", "domain": "law", "weight": 0.4}])
+    assert both.routing() == Routing.one("law:1")
+    assert Routing.merged([("a", 0.5), ("b", 0.2), ("a", 0.25)]).adapters == (("a", 0.75), ("b", 0.2))
+    rm.engine.max_length = 32
+    assert rm.loss(texts, [both, both]).tolist() == rm.engine.loss(texts, Routing.one("law:1")).tolist()
+    assert len(rm.generate(texts, top_k=3, max_new_tokens=2)) == 2
