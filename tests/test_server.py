@@ -61,9 +61,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(workspace, routed model, live server, openai client) over two tiny trained domains."""
-    from plait.server import ServerConfig, create_app
+def served_model(tmp_path_factory):
+    """(workspace, routed model) over two tiny trained domains (`cats` LoRA, `law` bottleneck)."""
     from plait.service import RoutedModel
     from plait.workspace import Workspace
     from tests.tiny import make_tiny_base
@@ -80,8 +79,19 @@ def served(tmp_path_factory):
         ws.add_domain(name, data, method=method, steps=6, batch_size=4, max_length=32, progress=False, audit=False)
     rm = RoutedModel(ws)
     rm.engine.tokenizer.chat_template = CHAT_TEMPLATE
-    config = ServerConfig(max_batch=16, max_wait_ms=50, max_queue=64, max_prompt_tokens=64, max_tokens_limit=32)
+    return ws, rm
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def served(request, served_model):
+    """(workspace, routed model, live server, openai client), once per scheduler (`live.scheduler`)."""
+    from plait.server import ServerConfig, create_app
+
+    ws, rm = served_model
+    config = ServerConfig(scheduler=request.param, max_batch=16, max_wait_ms=50, max_queue=64, max_prompt_tokens=64,
+                          max_tokens_limit=32)
     live = LiveServer(create_app(rm, config))
+    live.scheduler = request.param
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield ws, rm, live, client
     live.stop()
@@ -316,7 +326,8 @@ def test_queue_full_gets_503_and_server_survives(served):
     from plait.server import ServerConfig, create_app
 
     _, rm, _, _ = served
-    small = LiveServer(create_app(rm, ServerConfig(max_batch=1, max_wait_ms=0, max_queue=1, max_tokens_limit=32)))
+    small = LiveServer(create_app(rm, ServerConfig(scheduler=served[2].scheduler, max_batch=1, max_wait_ms=0,
+                                                   max_queue=1, max_tokens_limit=32)))
     try:
         def call(_):
             return requests.post(small.url + "/v1/completions", timeout=60,

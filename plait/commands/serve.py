@@ -1,4 +1,4 @@
-"""`plait serve`: the OpenAI-compatible HTTP server with dynamic batching (see `plait.server`)."""
+"""`plait serve`: the OpenAI-compatible HTTP server with continuous batching (see `plait.server`)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def serve(
     ] = False,
     docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")
                     ] = False,
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", help="continuous: requests join and leave the running batch at every decode step; "
+                            "static: a batch runs until its last row ends (for comparison).")] = "continuous",
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
-        "--max-wait-ms", help="How long to gather more requests after the first one arrives.")] = 10.0,
+        "--max-wait-ms", help="static: how long to gather more requests after the first one arrives.")] = 10.0,
     alias: Annotated[str, typer.Option(
         "--alias", help="Alias served for a routed domain when the adapter has it.")] = "production",
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most waiting requests; more get 503.")] = 256,
@@ -49,7 +52,7 @@ def serve(
     if not 0 < port < 65536:
         raise BadInputError(f"--port {port} must be between 1 and 65535")
     check_exposure(host, api_key, insecure)  # before the workspace and the base load
-    config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    config = ServerConfig(scheduler=scheduler, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                           max_body_bytes=max_body_bytes, max_messages=max_messages,
                           max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs)
