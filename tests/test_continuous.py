@@ -138,7 +138,10 @@ async def first_delta(ticket, log: list):
 
 
 def text(rm, toks: list[int]) -> str:
-    return rm.engine.tokenizer.decode(toks, skip_special_tokens=True)
+    """The answer text of tokens decoded alone: up to the first eos, as the server stops there."""
+    eos = set(rm.engine._eos_ids(None))
+    end = next((i for i, t in enumerate(toks) if t in eos), len(toks))
+    return rm.engine.tokenizer.decode(toks[:end], skip_special_tokens=True)
 
 
 def test_requests_joining_mid_run_equal_their_alone_answers(rm):
@@ -147,7 +150,7 @@ def test_requests_joining_mid_run_equal_their_alone_answers(rm):
     eos = set(rm.engine._eos_ids(None))
     want_tokens = [alone(rm, p, None if m == "base" else m, n) for m, p, n in jobs]
     ends = [next((i for i, t in enumerate(w) if t in eos), None) for w in want_tokens]
-    want = [text(rm, w[:e]) for w, e in zip(want_tokens, ends)]
+    want = [text(rm, w) for w in want_tokens]
 
     async def script(b):
         first = b.submit(request(*jobs[0], rm, stream=True))
