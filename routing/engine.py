@@ -38,6 +38,12 @@ are not renormalised. A top-k blend is the sum of the weighted per-layer deltas 
 (each entry's delta is what that adapter alone adds to the base output), which for LoRA equals
 merging sum_j w_j s_j B_j A_j into W.
 
+Residency: with `max_adapters=N` the engine holds at most N adapters. Adding one more
+evicts the least recently used adapter that no running row holds and no pin keeps
+(`routing.residency.Residency`, reachable as `engine.residency`; the `routed` context marks
+its adapters as used), or refuses with `AdapterSlotsFullError` when every resident adapter is
+held. Without a limit (the default) nothing is ever evicted.
+
 Adapter weights are cast to the dtype of the model's hidden states (the compute dtype); a
 4-bit base keeps its `Linear4bit` layers as the wrapped base layers. Padding is explicit:
 texts are right-padded for scoring, left-padded for generation, and position ids always come
@@ -58,6 +64,7 @@ import torch
 from torch import nn
 
 from registry.errors import BadInputError, ConflictError, NotFoundError
+from routing.residency import Residency
 from training.methods import detect_kind, get_method, kind_names, read_adapter_config
 from training.methods._stacking import KindRouting, SiteRegistry, Stacker
 
@@ -199,10 +206,12 @@ class CompositionEngine:
             adapters trained on another base.
         quantized: whether the base is 4-bit (informational; see `AdapterInfo`).
         max_length: longest tokenised text accepted by the text methods (longer ones are cut).
+        max_adapters: most adapters loaded at once (least recently used unheld ones are evicted
+            to make room; see `routing.residency`); None = no limit.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None,
-                 quantized: bool = False, max_length: int = 2048):
+                 quantized: bool = False, max_length: int = 2048, max_adapters: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -214,12 +223,14 @@ class CompositionEngine:
         self._adapters: dict[str, AdapterInfo] = {}
         self._sites = SiteRegistry(self.model, self.dtype, self.device)
         self._stackers: dict[str, Stacker] = {}  # serving family -> its stacker, made on first use
+        self.residency = Residency(max_adapters, evict=self.remove_adapter)
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
 
     @classmethod
     def from_base(cls, spec: str = "smollm2", *, quantize_4bit: bool = False, dtype: torch.dtype | None = None,
-                  compute_dtype: torch.dtype | None = None, max_length: int = 2048) -> CompositionEngine:
+                  compute_dtype: torch.dtype | None = None, max_length: int = 2048,
+                  max_adapters: int | None = None) -> CompositionEngine:
         """Load a base with `training.base.load_base` and wrap it.
 
         Args:
@@ -227,12 +238,13 @@ class CompositionEngine:
             quantize_4bit: load the base's linear layers as NF4 (bitsandbytes) instead of full precision.
             dtype: weight dtype (default fp32).
             compute_dtype: the 4-bit layers' compute dtype.
+            max_adapters: most adapters loaded at once (None = no limit).
         """
         from training.base import load_base
 
         base = load_base(spec, dtype=dtype, quantize_4bit=quantize_4bit, compute_dtype=compute_dtype)
         return cls(base.model, base.tokenizer, fingerprint=base.fingerprint, quantized=base.quantized,
-                   max_length=max_length)
+                   max_length=max_length, max_adapters=max_adapters)
 
     # ------------------------------------------------------------------ adapters
 
@@ -262,7 +274,12 @@ class CompositionEngine:
             IncompatibleBaseError: the fingerprints differ.
             BadInputError: the files do not fit this base (unknown modules, shapes, options), or
                 hold another kind than `kind`.
+            AdapterSlotsFullError: `max_adapters` are loaded and every one is held (in flight or pinned).
         """
+        with self.residency.loading(name):
+            return self._add_adapter(name, folder, kind, fingerprint)
+
+    def _add_adapter(self, name: str, folder: str | Path, kind: str | None, fingerprint: str | None) -> AdapterInfo:
         if not isinstance(name, str) or not name.strip():
             raise BadInputError(f"adapter name {name!r} must be a non-empty string")
         if name in self._adapters:
@@ -283,11 +300,16 @@ class CompositionEngine:
 
         tensors = load_file(str(weights_path), device="cpu")
         with self._lock:
+            if name in self._adapters:  # loaded by another thread while the files were read
+                raise ConflictError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first "
+                                    f"or pick another name")
             stacker = self._stacker(method)
+            self.residency.make_room(name)  # evicts (or refuses) before the new adapter's slot exists
             slot = stacker.n_slots
             modules = stacker.add(name, config, tensors)
             info = AdapterInfo(name, method.name, folder, slot, modules, config)
             self._adapters[name] = info
+            self.residency.added(name)
         return info
 
     def _method(self, name: str, folder: Path, config: dict, kind: str | None):
@@ -335,6 +357,7 @@ class CompositionEngine:
             info = self._adapter(name)
             family = info.family
             del self._adapters[name]
+            self.residency.forget(name)
             for other in self._adapters.values():
                 if other.family == family and other.slot > info.slot:
                     other.slot -= 1
@@ -393,6 +416,7 @@ class CompositionEngine:
                     rows[info.family][b].append((info.slot, w))
             for family, stacker in self._stackers.items():
                 stacker.route(self._kind_routing(rows[family], stacker.n_slots))
+            self.residency.touch(n for r in routes for n in r.names)
             try:
                 yield routes
             finally:

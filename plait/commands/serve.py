@@ -42,6 +42,13 @@ def serve(
         "--max-route-inputs", help="Most inputs in one /v1/route request; more get 413.")] = 64,
     max_route_input_chars: Annotated[int, typer.Option(
         "--max-route-input-chars", help="Longest /v1/route input in characters; longer ones get 413.")] = 8192,
+    max_adapters: Annotated[int | None, typer.Option(
+        "--max-adapters", help="Most adapters loaded at once; others load from the registry on demand and the least "
+                               "recently used idle one is evicted. Default: sized for the machine (a quarter of the "
+                               "available memory over the largest adapter's size, 8 to 1024).")] = None,
+    preload: Annotated[str | None, typer.Option(
+        "--preload", help="Comma-separated adapter references (NAME, NAME:V, NAME@ALIAS) loaded at start and never "
+                          "evicted; an alias reference follows its alias.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the workspace over the OpenAI HTTP API: model = auto (routed), base, or an adapter reference."""
@@ -52,13 +59,33 @@ def serve(
     if not 0 < port < 65536:
         raise BadInputError(f"--port {port} must be between 1 and 65535")
     check_exposure(host, api_key, insecure)  # before the workspace and the base load
+    from routing.residency import check_max_adapters
+
+    check_max_adapters(max_adapters, "--max-adapters")
     config = ServerConfig(scheduler=scheduler, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                           max_body_bytes=max_body_bytes, max_messages=max_messages,
-                          max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs)
+                          max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs,
+                          max_adapters=max_adapters, preload=_preload_refs(preload))
     ws = open_workspace(workspace)
     auth = "API key required" if api_key else "no API key"
     typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 ({auth}; model = auto | base | NAME[:V|@ALIAS])",
                err=True)
     run_server(ws, host=host, port=port, alias=alias, config=config, log_level=log_level, api_key=api_key,
                insecure=insecure)
+
+
+def _preload_refs(text: str | None) -> tuple[str, ...]:
+    """`--preload a,b@production` -> ("a", "b@production"), each checked as an adapter reference."""
+    from plait.service import check_model_name
+    from registry.errors import BadInputError
+
+    if text is None:
+        return ()
+    refs = tuple(r.strip() for r in text.split(","))
+    for r in refs:
+        if not r or r in ("auto", "base"):
+            raise BadInputError(f"--preload {text!r}: give adapter references separated by commas "
+                                f"(NAME, NAME:V or NAME@ALIAS), e.g. --preload law@production,news:2")
+        check_model_name(r)
+    return refs

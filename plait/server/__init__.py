@@ -38,7 +38,8 @@ The parts, one job each:
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "request_id"}`:
 400 for a malformed body, an unknown or malformed adapter reference or an out-of-range
 parameter, 401 without the API key, 413 for a body, prompt, message list or route input over
-its limit, 422 for an adapter whose files fail their hash check, 503 when the queue is full,
+its limit, 422 for an adapter whose files fail their hash check, 503 when the queue is full
+or every adapter slot (`--max-adapters`) is held by running requests,
 500 for an unexpected failure of one batch (the server keeps serving).
 """
 

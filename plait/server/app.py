@@ -176,6 +176,7 @@ class _Routes:
                 "base_fingerprint": self.routed.engine.fingerprint,
                 "router": info.ref if info is not None else None,
                 "adapters_loaded": sorted(self.routed.engine.adapters), "queue": self.batcher.queue_depth(),
+                "residency": self.routed.residency_stats(),
                 "stats": self.batcher.stats()}
 
 
@@ -376,5 +377,7 @@ def serve(workspace, *, host: str = "127.0.0.1", port: int = 8000, alias: str = 
     from plait.service import RoutedModel
 
     check_exposure(host, api_key, insecure)
-    app = create_app(RoutedModel(workspace, alias=alias), config, api_key=api_key)
+    config = config or ServerConfig()
+    routed = RoutedModel(workspace, alias=alias, max_adapters=config.max_adapters, preload=config.preload)
+    app = create_app(routed, config, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -320,22 +320,40 @@ class Batcher:
 
     # ------------------------------------------------------------------ one batch (worker thread)
     def _run_batch(self, batch: list[Ticket]) -> None:
-        """Resolve every request's adapters and decode the batch."""
+        """Resolve every request's adapters and decode the batch.
+
+        Every row's adapters are held (`RoutedModel.decide(hold=True)`) from the moment they are
+        resolved until the batch is decoded, so loading a later request's adapter never evicts
+        one an earlier row of the batch decodes with (`--max-adapters`).
+        """
         try:
             self.rm.refresh()  # a newer router version serves from this batch on
         except Exception:  # noqa: BLE001 - keep serving with the router we have
             log.exception("router refresh failed; serving with the loaded router")
+        held: list[str] = []
+        try:
+            self._resolve_and_decode(batch, held)
+        finally:
+            self.rm.release(held)
+
+    def _resolve_and_decode(self, batch: list[Ticket], held: list[str]) -> None:
+        from plait.service import held_refs
+
         t0 = time.perf_counter()
         decided = self._route_auto(batch)
+        for served in decided.values():
+            held.extend(held_refs(served))
         groups: dict[tuple, list[tuple[Ticket, list]]] = {}
         for t in batch:
             try:
                 served = decided.get(id(t)) or self.rm.decide([r.prompt.route_text for r in t.rows],
-                                                              t.request.model, t.request.top_k)
+                                                              t.request.model, t.request.top_k, hold=True)
             except Exception as e:  # noqa: BLE001 - this request fails, the others are served
                 self._count("errors")
                 t.emit(Failed(e))
                 continue
+            if id(t) not in decided:
+                held.extend(held_refs(served))
             groups.setdefault(t.request.sampling.group_key(), []).append((t, served))
         self._count("resolve_s", time.perf_counter() - t0)
         for group in groups.values():
@@ -355,6 +373,7 @@ class Batcher:
 
         When that call fails (e.g. one routed adapter fails its hash check) nothing is
         returned and every request is decided on its own, so only the affected ones fail.
+        The adapters of what is returned are held (the caller releases them).
         """
         by_k: dict[int, list[Ticket]] = {}
         for t in batch:
@@ -365,7 +384,7 @@ class Batcher:
             if len(tickets) < 2:
                 continue
             try:
-                served = self.rm.decide([r.prompt.route_text for t in tickets for r in t.rows], "auto", k)
+                served = self.rm.decide([r.prompt.route_text for t in tickets for r in t.rows], "auto", k, hold=True)
             except Exception:  # noqa: BLE001 - fall back to one decision per request
                 continue
             i = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from registry.errors import BadInputError
 
@@ -48,6 +48,11 @@ class ServerConfig:
     """Longest /v1/route input in characters; longer ones get 413."""
     docs: bool = False
     """Serve /docs, /redoc and /openapi.json (off: they describe every route to anyone)."""
+    max_adapters: int | None = None
+    """Most adapters loaded at once (least recently used unheld ones are evicted); None: sized for the
+    machine (`routing.residency.default_max_adapters`)."""
+    preload: tuple[str, ...] = field(default_factory=tuple)
+    """Adapter references loaded at start and never evicted (an alias reference follows its alias)."""
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -58,6 +63,10 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadInputError(f"{name} {value!r} must be a positive integer")
+        from routing.residency import check_max_adapters
+
+        check_max_adapters(self.max_adapters, "max_adapters")
+        self.preload = tuple(self.preload)
         if not isinstance(self.max_wait_ms, (int, float)) or not self.max_wait_ms >= 0:
             raise BadInputError(f"max_wait_ms {self.max_wait_ms!r} must be a number >= 0")
         self.default_chat_max_tokens = min(self.default_chat_max_tokens, self.max_tokens_limit)

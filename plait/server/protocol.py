@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.errors import BadInputError, IntegrityError, NotFoundError
+from routing.residency import AdapterSlotsFullError
 
 log = logging.getLogger("plait.server")
 
@@ -115,6 +116,8 @@ def api_error(exc: BaseException, request_id: str | None = None, roots: tuple[st
     """
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, AdapterSlotsFullError):  # every slot is held by a running request: retry later
+        return APIError(503, scrub(str(exc), roots), type_="server_error", param="model", code="adapter_slots_full")
     if isinstance(exc, NotFoundError):
         return APIError(400, scrub(str(exc), roots), param="model", code="model_not_found")
     if isinstance(exc, BadInputError):

@@ -108,6 +108,9 @@ class ArrowRouter(RouterCore):
     """
 
     kind = "arrow"
+    needs_all_adapters = False
+    """Unlike perplexity, routing reads no adapter: the prototypes are stored in the router's own
+    artifact and scored against the base model's hidden states, so adapters load on demand."""
 
     def __init__(self, model: Any = None, tokenizer: Any = None, max_length: int = 64, batch_size: int = 16,
                  temperature: float = 0.01, threshold: float = 0.0):

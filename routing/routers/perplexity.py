@@ -96,6 +96,9 @@ class PerplexityRouter(RouterCore):
     """
 
     kind = "perplexity"
+    needs_all_adapters = True
+    """Every domain's adapter must be loaded to route one input (`resident_adapters()`): a server
+    with `--max-adapters` pins them all, or refuses a limit below their number."""
 
     def __init__(self, scorer: LossScorer | None = None, temperature: float = 0.05, threshold: float = 0.0,
                  adapters: dict[str, str] | None = None):
@@ -105,6 +108,10 @@ class PerplexityRouter(RouterCore):
 
     def _reset(self) -> None:
         self.adapters = {}
+
+    def resident_adapters(self) -> list[str]:
+        """The scorer names (adapter refs) that must all be loaded to route: one per domain."""
+        return [self.adapters[d] for d in self.domains]
 
     def _add(self, domain: str, data: str | None) -> None:
         """`data` is the domain's adapter name in the scorer (None = the domain name)."""
