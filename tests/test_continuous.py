@@ -98,12 +98,12 @@ def request(model: str, prompt: str, n: int, rm, *, stream: bool = False, **samp
     return GenerationRequest(model, [Prompt(tokens(rm, prompt), prompt)], Sampling(n, **sampling), stream=stream)
 
 
-def drive(rm, script, **config):
+def drive(rm, script, metrics=None, **config):
     """Run `script(batcher)` against a started ContinuousBatcher on a fresh event loop."""
     from plait.server import ContinuousBatcher, ServerConfig
 
     async def main():
-        batcher = ContinuousBatcher(rm, ServerConfig(**{"max_batch": 8, **config}))
+        batcher = ContinuousBatcher(rm, ServerConfig(**{"max_batch": 8, **config}), metrics)
         await batcher.start()
         try:
             return await script(batcher)
@@ -145,6 +145,8 @@ def text(rm, toks: list[int]) -> str:
 
 
 def test_requests_joining_mid_run_equal_their_alone_answers(rm):
+    from plait.server import ServerMetrics
+
     jobs = [("cats:1", PROMPTS["cats:1"], 24), ("law:1", PROMPTS["law:1"], 5), ("base", PROMPTS[None], 12),
             ("cats:1", "a cat chased the mouse", 9)]
     eos = set(rm.engine._eos_ids(None))
@@ -157,16 +159,24 @@ def test_requests_joining_mid_run_equal_their_alone_answers(rm):
         seen: list = []
         await first_delta(first, seen)  # the first request is decoding: the others join its batch
         rest = [b.submit(request(m, p, n, rm)) for m, p, n in jobs[1:]]
+        held = rm.engine.residency.is_held("cats:1")  # a running row's adapter cannot be evicted
         results = [await answer(first)] + [await answer(t) for t in rest]
-        return results, b.stats()
+        return results, b.stats(), held
 
-    results, stats = drive(rm, script)
+    metrics = ServerMetrics()
+    results, stats, held = drive(rm, script, metrics)
+    assert held and rm.engine.residency.stats()["in_flight"] == 0  # every hold given back as rows left
     assert sum(e is None for e in ends) >= 3  # most rows run to their own max_tokens
     for (m, p, n), rows, w, e in zip(jobs, results, want, ends):
         assert rows[0].text == w, (m, p)
         assert (rows[0].completion_tokens, rows[0].finish_reason) == ((n, "length") if e is None else (e + 1, "stop"))
     assert stats["joined"] == 3 and stats["rows"] == 4 and stats["max_batch_rows"] == 4
     assert stats["batches"] == 1 and stats["running_rows"] == 0
+    # /metrics: one first token per row, one batch-size observation per decode step, their sizes summed
+    assert metrics.ttft.count == 4 and metrics.batch.count == stats["decode_steps"]
+    assert metrics.batch.sum == stats["row_steps"]
+    assert metrics.per_token.count == sum(r[0].completion_tokens for r in results) - 4 - sum(
+        r[0].finish_reason == "stop" for r in results)
 
 
 def test_a_finished_row_leaves_at_once(rm):
@@ -211,6 +221,7 @@ def test_cancel_frees_the_slot_and_the_others_go_on(rm):
     assert again[0].text == text(rm, alone(rm, PROMPTS[None], None, 3))
     assert stats["cancelled"] == 2 and stats["errors"] == 0
     assert stats["decode_steps"] < 20, stats  # the 400-token row stopped at once
+    assert rm.engine.residency.stats()["in_flight"] == 0
     assert stats["rows"] == 3  # the request cancelled in the queue was never admitted
 
 

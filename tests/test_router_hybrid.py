@@ -13,10 +13,11 @@ from safetensors.torch import load as load_tensors
 
 from registry.errors import BadInputError
 from routing.routers import DEFAULT_ROUTER, load_router
-from routing.routers.embedding import EmbeddingRouter, cpu_has_bf16
+from routing.routers.embedding import EmbeddingRouter
 from routing.routers.hybrid import HybridRouter
 from routing.routers.lexical import LexicalRouter, hashed_terms
 from tests.test_routers import EXTRA, HELDOUT, OOD_CALIBRATE, OOD_TEST, TRAIN
+from training.precision import choose
 
 
 def _tensor_bytes(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -86,7 +87,7 @@ def test_lexical_settings_errors(kwargs, message):
 # ---------------------------------------------------------------------- hybrid
 def test_hybrid_is_the_default_and_routes_heldout_sentences(hybrid):
     assert DEFAULT_ROUTER == "hybrid"
-    assert hybrid.encoder.bf16 == cpu_has_bf16() and hybrid.embed_chars == 250
+    assert hybrid.encoder.bf16 == (choose("encode").dtype == "bf16") and hybrid.embed_chars == 250
     result = hybrid.evaluate(HELDOUT)
     assert result["accuracy"] == 1.0 and result["confusion"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
 

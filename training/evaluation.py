@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 from training.data import IGNORE_INDEX, collate, iter_eval_batches
 from training.methods import Method
 
 
 # ----------------------------------------------------------------------------- precision
-def fast_bf16() -> bool:
-    """Whether this machine computes bf16 fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
-    import torch
+def fast_bf16(workload: str = "train") -> bool:
+    """Whether bf16 is the faster precision for `workload` here: bf16 CUDA, or measured on this CPU.
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AMX" in cap or "BF16" in cap:
-        return True
-    with contextlib.suppress(OSError):  # get_cpu_capability says "AVX512" with or without BF16
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+    See `training.precision`: timed once per machine and workload, never guessed from CPU flags.
+    """
+    from training.precision import choose
+
+    return choose(workload).dtype == "bf16"
 
 
-def resolve_dtype(dtype: str) -> str:
-    """`auto` -> bf16 where the hardware is fast at it, else fp32."""
-    return ("bf16" if fast_bf16() else "fp32") if dtype == "auto" else dtype
+def resolve_dtype(dtype: str, workload: str = "train", *, announce: bool = False) -> str:
+    """`auto` -> the precision measured faster for `workload` on this machine (else `dtype` as given).
+
+    Args:
+        dtype: auto, fp32 or bf16.
+        workload: train, encode or serve (`training.precision.WORKLOADS`).
+        announce: print the choice and why, once per process (the trainer does with its progress).
+    """
+    if dtype != "auto":
+        return dtype
+    from training.precision import choose
+
+    return choose(workload, announce=announce).dtype
 
 
 def _autocast(dtype: str, device: str):

@@ -438,7 +438,7 @@ class DomainRecipe:
             if (v.kind, v.domain) != (kind, domain):
                 raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version "
                                     f"for domain {domain!r} needs another name (--name)")
-        self.dtype = resolve_dtype(cfg.dtype)
+        self.dtype = resolve_dtype(cfg.dtype, announce=cfg.progress and self.main)  # measured: training.precision
         self.lr = cfg.lr or self.method.default_lr
         self.settings = self.method.read_config(self.warm[1]) if self.warm \
             else self.method.make_config(**given_options(cfg, kind))

@@ -24,6 +24,8 @@ def serve(
     scheduler: Annotated[str, typer.Option(
         "--scheduler", help="continuous: requests join and leave the running batch at every decode step; "
                             "static: a batch runs until its last row ends (for comparison).")] = "continuous",
+    metrics_public: Annotated[bool, typer.Option(
+        "--metrics-public", help="Answer GET /metrics (Prometheus) without the API key (off by default).")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
         "--max-wait-ms", help="static: how long to gather more requests after the first one arrives.")] = 10.0,
@@ -66,7 +68,7 @@ def serve(
                           max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                           max_body_bytes=max_body_bytes, max_messages=max_messages,
                           max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs,
-                          max_adapters=max_adapters, preload=_preload_refs(preload))
+                          max_adapters=max_adapters, preload=_preload_refs(preload), metrics_public=metrics_public)
     ws = open_workspace(workspace)
     auth = "API key required" if api_key else "no API key"
     typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 ({auth}; model = auto | base | NAME[:V|@ALIAS])",

@@ -57,7 +57,7 @@ def train(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = DEFAULT_MAX_LENGTH,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: the kind's, 2e-4 for LoRA kinds, 1e-3 for bottleneck).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Adapter rank: LoRA kinds' r, a bottleneck's size.")] = None,
-    dtype: Annotated[DtypeName, typer.Option("--dtype", help="auto = bf16 where the hardware is fast at it.")]
+    dtype: Annotated[DtypeName, typer.Option("--dtype", help="auto = fp32 or bf16, whichever this machine ran faster (timed once, cached).")]
         = DtypeName.auto,
     init: Annotated[str | None, typer.Option(
         "--init", show_default="auto",

@@ -12,9 +12,11 @@ Routes (FastAPI + uvicorn):
 
     POST /v1/completions        OpenAI completions (prompt: a string or a list of strings)
     POST /v1/chat/completions   OpenAI chat completions, through the base's chat template
-    GET  /v1/models             auto, base, and every ready adapter version and alias
+    GET  /v1/models             auto, base, every ready adapter version, name and alias
     POST /v1/route              {"input": str | [str], "top_k": 1} -> domains and weights only
     GET  /health                status, router version, loaded adapters, queue and batch counters
+    GET  /metrics               Prometheus text: requests, tokens, latencies, batch size, queue,
+                                adapter residency (needs the API key unless --metrics-public)
 
 Every response choice carries the extension field `plait`:
 
@@ -33,6 +35,7 @@ The parts, one job each:
     intake.py     body -> GenerationRequest: validate, template, tokenise (off the event loop)
     batcher.py    the batching engine: submit a request, read its events, cancel it (static)
     continuous.py the default scheduler: rows join and leave the batch at every decode step
+    metrics.py    ServerMetrics: the hooks the batchers and routes report to, and /metrics' text
     app.py        the FastAPI routes over the batcher, and `serve()`
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "request_id"}`:
@@ -48,8 +51,9 @@ from plait.server.batcher import (Batcher, Delta, Done, Failed, Finished, Genera
                                   QueueFullError, RowResult, Sampling, Started, Ticket)
 from plait.server.config import MIN_TEMPERATURE, ServerConfig
 from plait.server.continuous import ContinuousBatcher
+from plait.server.metrics import ServerMetrics
 from plait.server.protocol import APIError, api_error
 
-__all__ = ["APIError", "Batcher", "ContinuousBatcher", "Delta", "Done", "Failed", "Finished", "GenerationRequest", "MIN_TEMPERATURE",
-           "Prompt", "QueueFullError", "RowResult", "Sampling", "ServerConfig", "Started", "Ticket", "api_error",
-           "check_exposure", "create_app", "is_loopback", "list_models", "serve"]
+__all__ = ["APIError", "Batcher", "ContinuousBatcher", "Delta", "Done", "Failed", "Finished", "GenerationRequest",
+           "MIN_TEMPERATURE", "Prompt", "QueueFullError", "RowResult", "Sampling", "ServerConfig", "ServerMetrics",
+           "Started", "Ticket", "api_error", "check_exposure", "create_app", "is_loopback", "list_models", "serve"]

@@ -20,10 +20,11 @@ from typing import Any
 from plait.server.batcher import Delta, Done, Failed, Finished, QueueFullError, Started, Ticket
 from plait.server.config import ServerConfig
 from plait.server.continuous import make_batcher
-from plait.server.guard import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware, request_id_of
+from plait.server.guard import PUBLIC_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware, request_id_of
 from plait.server.intake import Intake
+from plait.server.metrics import CONTENT_TYPE, ServerMetrics
 from plait.server.protocol import APIError, ChatBody, CompletionBody, RouteBody, api_error
-from registry.errors import BadInputError
+from registry.errors import BadInputError, NotFoundError
 
 log = logging.getLogger("plait.server")
 
@@ -44,7 +45,8 @@ class _Routes:
     def __init__(self, routed, config: ServerConfig):
         self.routed = routed
         self.config = config
-        self.batcher = make_batcher(routed, config)  # config.scheduler: continuous or static
+        self.metrics = ServerMetrics()
+        self.batcher = make_batcher(routed, config, self.metrics)  # config.scheduler: continuous or static
         self.intake = Intake(routed.engine.tokenizer, config)
         # one thread: templating and tokenising leave the event loop but never race each other
         self.intake_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-intake")
@@ -69,14 +71,20 @@ class _Routes:
                            f"(--max-queue); retry shortly", type_="server_error", code="queue_full") from None
 
     async def answer(self, kind: str, body, request):
-        gen = await self.off_loop(self.intake.completion if kind == "completion" else self.intake.chat, body)
-        ticket = self.submit(gen)
-        if gen.stream:
-            return await self.stream(kind, ticket, request)
-        return await self.collect(kind, ticket, request)
+        self.metrics.request_started(kind)
+        outcome = _Outcome(kind, self.metrics)
+        try:
+            gen = await self.off_loop(self.intake.completion if kind == "completion" else self.intake.chat, body)
+            ticket = self.submit(gen)
+            if gen.stream:
+                return await self.stream(kind, ticket, request, outcome)
+            return await self.collect(kind, ticket, request, outcome)
+        except BaseException as e:
+            outcome.finish(_status_of(e))
+            raise
 
     # ------------------------------------------------------------------ one JSON answer
-    async def collect(self, kind: str, ticket: Ticket, request):
+    async def collect(self, kind: str, ticket: Ticket, request, outcome: "_Outcome"):
         """Wait for the answer, cancelling the request if the client disconnects meanwhile."""
         from starlette.responses import Response
 
@@ -94,7 +102,9 @@ class _Routes:
 
         answered, done = await self.unless_gone(consume(), ticket, request)
         if not answered:
+            outcome.finish("cancelled")
             return Response(status_code=499)  # nobody reads it
+        outcome.finish("ok", done)
         return _json_answer(kind, ticket, served, done)
 
     async def unless_gone(self, awaitable, ticket: Ticket, request) -> tuple[bool, Any]:
@@ -123,12 +133,13 @@ class _Routes:
                 self.cancel(ticket, request)
 
     # ------------------------------------------------------------------ server-sent events
-    async def stream(self, kind: str, ticket: Ticket, request):
+    async def stream(self, kind: str, ticket: Ticket, request, outcome: "_Outcome"):
         from starlette.responses import Response, StreamingResponse
 
         # an unknown adapter fails here, before the stream starts; so does a client gone while queued
         answered, first = await self.unless_gone(ticket.next_event(), ticket, request)
         if not answered:
+            outcome.finish("cancelled")
             return Response(status_code=499)
         if isinstance(first, Failed):
             raise self.error(first.error, request)
@@ -147,14 +158,17 @@ class _Routes:
                     elif isinstance(event, Finished):
                         yield _sse(chunk(event.index, None, event.reason, served.get(event.index)))
                     elif isinstance(event, Failed):
+                        outcome.finish(_status_of(event.error))
                         yield _sse(self.error(event.error, request).body(request_id_of(request.scope)))
                         break
                     elif isinstance(event, Done):
+                        outcome.finish("ok", event)
                         break
                     event = await ticket.next_event()
                 yield "data: [DONE]\n\n"
             finally:  # the client closed the stream (starlette cancels us) or it ended: free the rows
                 self.cancel(ticket, request)
+                outcome.finish("cancelled")  # no-op when it finished above
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -170,6 +184,13 @@ class _Routes:
                                             "scores": s.scores, "confidence": s.confidence}
                                            for i, s in enumerate(served)]}
 
+    def render_metrics(self) -> str:
+        """The `/metrics` text (call off the event loop: residency figures may wait for a batch)."""
+        self.metrics.queue_depth(self.batcher.queue_depth())
+        stats = getattr(self.routed, "residency_stats", None)
+        residency = stats() if callable(stats) else {"resident": len(self.routed.engine.adapters)}
+        return self.metrics.render(residency)
+
     def health(self) -> dict[str, Any]:
         info = self.routed.router_info
         return {"status": "ok", "base_model": base_model_name(self.routed),
@@ -178,6 +199,36 @@ class _Routes:
                 "adapters_loaded": sorted(self.routed.engine.adapters), "queue": self.batcher.queue_depth(),
                 "residency": self.routed.residency_stats(),
                 "stats": self.batcher.stats()}
+
+
+class _Outcome:
+    """Reports to the metrics, once, how one generation request ended and the usage it answered."""
+
+    def __init__(self, kind: str, metrics: ServerMetrics):
+        self.kind = kind
+        self.metrics = metrics
+        self.reported = False
+
+    def finish(self, status: str, done: Done | None = None) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        rows = done.rows if done is not None else []
+        self.metrics.request_finished(self.kind, status, sum(r.prompt_tokens for r in rows),
+                                      sum(r.completion_tokens for r in rows))
+
+
+def _status_of(exc: BaseException) -> str:
+    """The metrics status of a request that ended in `exc` (see `plait.server.metrics.STATUSES`)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, (BadInputError, NotFoundError)):
+        return "invalid"
+    if isinstance(exc, APIError):
+        if exc.code == "queue_full":
+            return "rejected"
+        return "invalid" if 400 <= exc.status < 500 and exc.code != "adapter_integrity_failed" else "error"
+    return "error"
 
 
 async def _disconnected(receive) -> None:
@@ -268,7 +319,8 @@ def create_app(routed, config: ServerConfig | None = None, *, api_key: str | Non
     Args:
         routed: the routed model.
         config: limits and batching settings (default `ServerConfig()`).
-        api_key: when given, every route but /health needs `Authorization: Bearer <api_key>`.
+        api_key: when given, every route but /health (and /metrics with `config.metrics_public`)
+            needs `Authorization: Bearer <api_key>`.
 
     Returns:
         A FastAPI app; run it with uvicorn (`plait serve` does). `app.state.batcher` is the batcher
@@ -276,6 +328,7 @@ def create_app(routed, config: ServerConfig | None = None, *, api_key: str | Non
     """
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
 
     config = config or ServerConfig()
     if config.max_prompt_tokens > routed.engine.max_length:
@@ -295,11 +348,13 @@ def create_app(routed, config: ServerConfig | None = None, *, api_key: str | Non
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="plait", description="OpenAI-compatible routed adapter serving", lifespan=lifespan, **docs)
     app.state.batcher = routes.batcher
+    app.state.metrics = routes.metrics
     _install_error_handlers(app, routes)
     # added last = outermost: the id first, then the key (before any body is read), then the body limit
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        public = PUBLIC_PATHS | ({"/metrics"} if config.metrics_public else set())
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, public=public)
     app.add_middleware(RequestIdMiddleware)
 
     @app.post("/v1/completions")
@@ -322,24 +377,41 @@ def create_app(routed, config: ServerConfig | None = None, *, api_key: str | Non
     async def health():
         return routes.health()
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(await run_in_threadpool(routes.render_metrics), media_type=CONTENT_TYPE)
+
     return app
 
 
 def list_models(routed) -> dict[str, Any]:
-    """The `/v1/models` listing: auto, base, every ready version (NAME:V) and alias (NAME@A)."""
+    """The `/v1/models` listing: every `model` a request may name and what it serves now.
+
+    auto, base, every ready version (NAME:V), every adapter name (NAME: its newest ready
+    version) and every alias of a ready version (NAME@A). An adapter entry's `plait.ref` is
+    the exact version it serves and `plait.loaded` whether that version is resident in the
+    engine now (the first request to name one that is not loads it).
+    """
     reg = routed.registry
     now = int(time.time())
+    loaded = set(list(routed.engine.adapters))  # a snapshot: the batch thread may load one meanwhile
 
     def entry(mid: str, **plait: Any) -> dict[str, Any]:
         return {"id": mid, "object": "model", "created": now, "owned_by": "plait", "plait": plait}
 
+    def served(mid: str, v) -> dict[str, Any]:
+        return entry(mid, ref=v.ref, domain=v.domain, kind=v.kind, loaded=v.ref in loaded)
+
     data = [entry("auto", description="the router picks adapters per request (base-model fallback)"),
             entry("base", description="the base model alone", base_model=base_model_name(routed))]
-    for v in reg.search_versions():
-        data.append(entry(v.ref, ref=v.ref, domain=v.domain, kind=v.kind))
+    ready = {v.ref: v for v in reg.search_versions()}  # by name, then version: the last of a name is its newest
+    newest = {v.name: v for v in ready.values()}
+    data += [served(ref, v) for ref, v in ready.items()]
+    data += [served(name, v) for name, v in sorted(newest.items())]
     for a in reg.search_adapters():
         for alias, version in sorted(a.aliases.items()):
-            data.append(entry(f"{a.name}@{alias}", ref=f"{a.name}:{version}", domain=a.domain, kind=a.kind))
+            if f"{a.name}:{version}" in ready:  # an alias of an archived version is refused when named
+                data.append(served(f"{a.name}@{alias}", ready[f"{a.name}:{version}"]))
     return {"object": "list", "data": data}
 
 

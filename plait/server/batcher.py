@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from plait.server.config import ServerConfig
+from plait.server.metrics import ServerMetrics
 
 log = logging.getLogger("plait.server")
 
@@ -164,6 +165,8 @@ class _Row:
     finish_reason: str | None = None
     eos: bool = False
     text: str | None = None
+    last_token_at: float | None = None
+    """perf_counter() of its latest token (for /metrics)."""
 
 
 class Ticket:
@@ -173,6 +176,7 @@ class Ticket:
         self.request = request
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.arrived = time.perf_counter()
         self.cancelled = False
         self.rows = [_Row(i, p) for i, p in enumerate(request.prompts)]
         self._loop = loop
@@ -206,11 +210,13 @@ class Batcher:
     Args:
         routed: the routed model (engine + router + registry) to serve.
         config: limits and batching settings.
+        metrics: where to report tokens, latencies, batch sizes and the queue (`/metrics`).
     """
 
-    def __init__(self, routed, config: ServerConfig):
+    def __init__(self, routed, config: ServerConfig, metrics: ServerMetrics | None = None):
         self.rm = routed
         self.config = config
+        self.metrics = metrics or ServerMetrics()
         self.tokenizer = routed.engine.tokenizer
         self.eos = set(routed.engine._eos_ids(None))
         self._queue: asyncio.Queue | None = None
@@ -243,6 +249,7 @@ class Batcher:
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.config.max_queue} requests are waiting") from None
         self._count("requests")
+        self.metrics.queue_depth(self.queue_depth())
         return ticket
 
     def cancel(self, ticket: Ticket) -> bool:
@@ -304,6 +311,7 @@ class Batcher:
                 break
             batch.append(nxt)
             rows += len(nxt.rows)
+        self.metrics.queue_depth(self.queue_depth())
         return [t for t in batch if not t.cancelled]
 
     async def _batch_loop(self) -> None:
@@ -402,11 +410,14 @@ class Batcher:
         sampling = group[0][0].request.sampling
 
         def on_step(new_ids, _done) -> bool:
+            now = time.perf_counter()
             self._count("decode_steps")
+            self.metrics.batch_step(len(entries))  # a static batch computes every row until it ends
             for (t, row, _), tok in zip(entries, new_ids.tolist()):
                 if t.cancelled and not row.finished:  # the client went away: stop this row here
                     row.finished, row.finish_reason = True, "cancelled"
                 if not row.finished:
+                    self._clock(t, row, now)
                     self._step_row(t, row, tok)
             return all(row.finished for _, row, _ in entries)
 
@@ -424,6 +435,14 @@ class Batcher:
         for t, _ in group:
             if not t.cancelled:
                 t.emit(Done([self._result(row) for row in t.rows]))
+
+    def _clock(self, t: Ticket, row: _Row, now: float) -> None:
+        """Report a row's new token to the metrics: its first (time to first token) or a later one."""
+        if row.last_token_at is None:
+            self.metrics.first_token(now - t.arrived)
+        else:
+            self.metrics.token(now - row.last_token_at)
+        row.last_token_at = now
 
     def _step_row(self, t: Ticket, row: _Row, tok: int) -> None:
         delta = self._feed(t.request, row, tok)

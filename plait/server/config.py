@@ -53,6 +53,9 @@ class ServerConfig:
     machine (`routing.residency.default_max_adapters`)."""
     preload: tuple[str, ...] = field(default_factory=tuple)
     """Adapter references loaded at start and never evicted (an alias reference follows its alias)."""
+    metrics_public: bool = False
+    """Answer GET /metrics without the API key (off: traffic figures are the operator's; Prometheus
+    sends the key with `authorization: {credentials: KEY}` in its scrape config)."""
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:

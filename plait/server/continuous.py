@@ -23,6 +23,11 @@ One step, on the batch thread:
 
 Under greedy decoding a row gets the same tokens as the same request served alone.
 
+Adapters: each row holds its adapters (`RoutedModel.decide(hold=True)`) from admission until
+it leaves, so loading another request's adapter never evicts one a running row decodes with
+(`--max-adapters`, routing/residency.py). Metrics (`ServerMetrics`, /metrics): time to first
+token and per-token latency per row, the batch size of every decode step, the queue depth.
+
 Counters (`stats()`): those of the static batcher, where `batches` counts the times the
 running batch emptied (a busy period ended), `rows` the rows admitted, `max_batch_rows` the
 largest running batch, `decode_steps` the decode steps; plus `running_rows` (the batch now),
@@ -41,8 +46,10 @@ from typing import Any
 
 import torch
 
-from plait.server.batcher import Batcher, Done, Failed, Finished, Started, Ticket, _Row
+from plait.server.batcher import Batcher, Done, Failed, Started, Ticket, _Row
 from plait.server.config import ServerConfig
+from plait.server.metrics import ServerMetrics
+from plait.service import held_refs
 
 log = logging.getLogger("plait.server")
 
@@ -56,6 +63,7 @@ class _Running:
     ticket: Ticket
     row: _Row
     gen: torch.Generator | None  # None: greedy
+    held: list[str]  # adapter refs this row holds until it leaves (RoutedModel.release)
     next_token: int = -1  # picked, not yet fed to the model
 
 
@@ -65,10 +73,11 @@ class ContinuousBatcher(Batcher):
     Args:
         routed: the routed model (engine + router + registry) to serve.
         config: limits and batching settings (`max_batch` bounds the running batch).
+        metrics: where to report tokens, latencies, batch sizes and the queue (`/metrics`).
     """
 
-    def __init__(self, routed, config: ServerConfig):
-        super().__init__(routed, config)
+    def __init__(self, routed, config: ServerConfig, metrics: ServerMetrics | None = None):
+        super().__init__(routed, config, metrics)
         self._stats.update({"running_rows": 0, "joined": 0, "left": 0, "prefills": 0, "row_steps": 0})
         self._state = None  # routing.engine.DecodeState of the running rows, or None
         self._running: list[_Running] = []  # in the state's row order
@@ -103,6 +112,7 @@ class ContinuousBatcher(Batcher):
                 admitted.append(first)
             used = len(self._running) + sum(len(t.rows) for t in admitted)
             admitted += self._take_nowait(self.config.max_batch - used)
+            self.metrics.queue_depth(self.queue_depth())
             try:
                 await self.run_exclusive(self._step, admitted)
             except Exception as e:  # noqa: BLE001 - a step must never take the worker down
@@ -117,6 +127,7 @@ class ContinuousBatcher(Batcher):
             if not t._closed and not t.cancelled:
                 self._count("errors")
                 t.emit(Failed(error))
+        self._release(self._running)
         self._running, self._state = [], None
         with self._stats_lock:
             self._stats["running_rows"] = 0
@@ -142,6 +153,7 @@ class ContinuousBatcher(Batcher):
             self._stats["decode_s"] += time.perf_counter() - t0
             self._stats["decode_steps"] += 1
             self._stats["row_steps"] += len(self._running)
+        self.metrics.batch_step(len(self._running))
         self._feed_picks(self._running, logits)
         self._drop_finished()
 
@@ -152,12 +164,12 @@ class ContinuousBatcher(Batcher):
         except Exception:  # noqa: BLE001 - keep serving with the router we have
             log.exception("router refresh failed; serving with the loaded router")
         t0 = time.perf_counter()
-        decided = self._route_auto(tickets)
+        decided = self._route_auto(tickets)  # holds the adapters of what it decides
         entries: list[tuple[Ticket, _Row, Any]] = []
         for t in tickets:
             try:
                 served = decided.get(id(t)) or self.rm.decide([r.prompt.route_text for r in t.rows],
-                                                              t.request.model, t.request.top_k)
+                                                              t.request.model, t.request.top_k, hold=True)
             except Exception as e:  # noqa: BLE001 - this request fails, the others are served
                 self._count("errors")
                 t.emit(Failed(e))
@@ -168,7 +180,7 @@ class ContinuousBatcher(Batcher):
             return
         for t, row, s in entries:
             t.emit(Started(row.index, s.to_dict()))
-        new = [_Running(t, row, self._generator(t, row)) for t, row, _ in entries]
+        new = [_Running(t, row, self._generator(t, row), held_refs([s])) for t, row, s in entries]
         t0 = time.perf_counter()
         try:
             with self.rm._lock:
@@ -176,6 +188,7 @@ class ContinuousBatcher(Batcher):
                                                        [s.routing() for _, _, s in entries])
         except Exception as e:  # noqa: BLE001 - these requests fail, the running ones go on
             log.exception("prefill failed")
+            self._release(new)
             for t in {id(t): t for t, _, _ in entries}.values():
                 self._count("errors")
                 t.emit(Failed(e))
@@ -185,9 +198,9 @@ class ContinuousBatcher(Batcher):
         self._count("rows", len(new))
         if self._running:
             self._count("joined", len(new))
+        self._running += new  # from here on, leaving the batch releases their holds
         self._feed_picks(new, logits)
         self._state = state if self._state is None else self.rm.engine.join_states(self._state, state)
-        self._running += new
         with self._stats_lock:
             self._stats["running_rows"] = len(self._running)
             self._stats["max_batch_rows"] = max(self._stats["max_batch_rows"], len(self._running))
@@ -203,8 +216,17 @@ class ContinuousBatcher(Batcher):
             gen.manual_seed((sampling.seed + row.index) % _SEED_SPACE)
         return gen
 
+    def _release(self, rows: list[_Running]) -> None:
+        """Give back the adapter holds of rows that leave (each row's, once)."""
+        refs = [ref for r in rows for ref in r.held]
+        for r in rows:
+            r.held = []
+        if refs:
+            self.rm.release(refs)
+
     def _feed_picks(self, rows: list[_Running], logits: torch.Tensor) -> None:
         """Pick each row's next token from `logits` [B, V] and add it to the row."""
+        now = time.perf_counter()
         picks = logits.argmax(-1).tolist()
         pick = self.rm.engine._pick
         for i, r in enumerate(rows):
@@ -219,6 +241,7 @@ class ContinuousBatcher(Batcher):
             if r.ticket.cancelled:  # the client went away: this row stops here, its slot frees now
                 r.row.finished, r.row.finish_reason = True, "cancelled"
                 continue
+            self._clock(r.ticket, r.row, now)
             self._step_row(r.ticket, r.row, tok)
 
     def _drop_finished(self) -> None:
@@ -230,6 +253,7 @@ class ContinuousBatcher(Batcher):
         if len(keep) == len(self._running):
             return
         gone = [r for r in self._running if r.row.finished]
+        self._release(gone)
         for t in {id(r.ticket): r.ticket for r in gone}.values():
             if not t.cancelled and not t._closed and all(row.finished for row in t.rows):
                 t.emit(Done([self._result(row) for row in t.rows]))
@@ -243,9 +267,10 @@ class ContinuousBatcher(Batcher):
             self._stats["running_rows"] = len(self._running)
 
 
-def make_batcher(routed, config: ServerConfig) -> Batcher:
+def make_batcher(routed, config: ServerConfig, metrics: ServerMetrics | None = None) -> Batcher:
     """The batcher `config.scheduler` names: `ContinuousBatcher` or the static `Batcher`."""
-    return ContinuousBatcher(routed, config) if config.scheduler == "continuous" else Batcher(routed, config)
+    cls = ContinuousBatcher if config.scheduler == "continuous" else Batcher
+    return cls(routed, config, metrics)
 
 
 __all__ = ["ContinuousBatcher", "make_batcher"]

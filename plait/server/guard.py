@@ -4,7 +4,8 @@ Plain ASGI middleware (no FastAPI), outermost first:
 
     RequestIdMiddleware   gives the request an id (`scope["state"]["request_id"]`) and answers
                           with it in the `X-Request-ID` header, errors included
-    ApiKeyMiddleware      with a key set, every route but /health needs
+    ApiKeyMiddleware      with a key set, every route but /health (and /metrics when
+                          `ServerConfig.metrics_public`) needs
                           `Authorization: Bearer KEY` (what the openai client sends for `api_key`);
                           compared in constant time; else 401 before the body is read
     BodyLimitMiddleware   413 when `Content-Length` is over the limit, or when the streamed
@@ -59,14 +60,15 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Refuses (401) every request but `PUBLIC_PATHS` without `Authorization: Bearer <api_key>`."""
+    """Refuses (401) every request but `public` paths without `Authorization: Bearer <api_key>`."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, public: frozenset[str] | set[str] = PUBLIC_PATHS):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.public = frozenset(public)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.public:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):

@@ -66,7 +66,7 @@ def minilm_model():
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (checked at run time, never assumed)."""
+    """Whether this CPU has native bfloat16 instructions (not whether they are faster: `training.precision`)."""
     import torch
 
     try:
@@ -81,9 +81,9 @@ class MiniLMEncoder:
     Args:
         max_seq_length: inputs are truncated to this many word pieces (cost grows with it).
         batch_size: encoding batch size.
-        bf16: run under bfloat16 autocast (None = when the CPU has native bf16, AVX512-BF16/AMX).
-            Off by default: on BBC News it routes identically, but its speed-up could not be
-            confirmed on the shared 2-core CPU (bench/routing.py measures both).
+        bf16: run under bfloat16 autocast (None = auto: when `training.precision` measured the
+            encoder's shapes faster in bf16 on this machine; a CPU flag does not tell). Off by
+            default; the hybrid router uses auto. On BBC News it routes identically either way.
     """
 
     name = "minilm"
@@ -93,7 +93,11 @@ class MiniLMEncoder:
             raise BadInputError(f"max_seq_length={max_seq_length} must be in 8..512 (e.g. 128)")
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
-        self.bf16 = cpu_has_bf16() if bf16 is None else bool(bf16)
+        if bf16 is None:
+            from training.precision import choose
+
+            bf16 = choose("encode").dtype == "bf16"
+        self.bf16 = bool(bf16)
 
     def encode(self, texts: list[str]):
         import torch

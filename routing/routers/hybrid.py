@@ -44,7 +44,7 @@ class HybridRouter(RouterCore):
 
     Args:
         encoder: sentence encoder of the dense part (default all-MiniLM-L6-v2, 128 word pieces,
-            under bf16 autocast where the CPU has native bf16).
+            under bf16 autocast where it measured faster: `training.precision`).
         embed_chars: the dense part sees the input's first `embed_chars` characters.
         lexical_weight: weight of the word model's log-probabilities (0 = embedding only).
         alpha, buckets, bigrams: the word model's settings (see `LexicalRouter`).
@@ -62,7 +62,8 @@ class HybridRouter(RouterCore):
             raise BadInputError(f"lexical_weight={lexical_weight!r} must be a number >= 0 (e.g. 1.0)")
         self.embed_chars, self.lexical_weight = embed_chars, float(lexical_weight)
         if encoder is None and (encoder_spec or {}).get("name", MiniLMEncoder.name) == MiniLMEncoder.name:
-            # bf16 autocast where the CPU computes bf16 natively: 1.6x faster, same decisions on BBC
+            # bf16 autocast where it measured faster on this machine (1.6x on one CPU, 7x slower on
+            # another with no bf16 hardware); same decisions on BBC either way
             encoder = MiniLMEncoder(max_seq_length=(encoder_spec or {}).get("max_seq_length", 128), bf16=None)
         self.dense = EmbeddingRouter(encoder=encoder, scoring="prototype", temperature=DENSE_TEMPERATURE,
                                      encoder_spec=encoder_spec)
