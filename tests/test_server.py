@@ -60,14 +60,12 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def served_model(tmp_path_factory):
-    """(workspace, routed model) over two tiny trained domains (`cats` LoRA, `law` bottleneck)."""
+def build_served_model(root: Path):
+    """(workspace, routed model) over two tiny trained domains (`cats` LoRA, `law` bottleneck) under `root`."""
     from plait.service import RoutedModel
     from plait.workspace import Workspace
     from tests.tiny import make_tiny_base
 
-    root = tmp_path_factory.mktemp("serve")
     base = make_tiny_base(root / "base")
     ws = Workspace.init(root / "ws", base_model=str(base), tracking_uri="none")
     # these tests serve each domain with its own adapter; re-pointing (tests/test_repoint.py) is off here:
@@ -82,12 +80,21 @@ def served_model(tmp_path_factory):
     return ws, rm
 
 
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """(workspace, routed model) over the two tiny domains, without a server (tests/test_continuous.py)."""
+    return build_served_model(tmp_path_factory.mktemp("serve"))
+
+
 @pytest.fixture(scope="module", params=["continuous", "static"])
-def served(request, served_model):
-    """(workspace, routed model, live server, openai client), once per scheduler (`live.scheduler`)."""
+def served(request, tmp_path_factory):
+    """(workspace, routed model, live server, openai client), once per scheduler (`live.scheduler`).
+
+    Each scheduler gets its own workspace: the tests register versions and move aliases.
+    """
     from plait.server import ServerConfig, create_app
 
-    ws, rm = served_model
+    ws, rm = build_served_model(tmp_path_factory.mktemp(f"serve-{request.param}"))
     config = ServerConfig(scheduler=request.param, max_batch=16, max_wait_ms=50, max_queue=64, max_prompt_tokens=64,
                           max_tokens_limit=32)
     live = LiveServer(create_app(rm, config))

@@ -20,7 +20,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import requests  # noqa: E402
 
-from tests.test_server import LiveServer, direct, served, served_model  # noqa: E402,F401 - the shared fixtures
+from tests.test_server import LiveServer, direct, served  # noqa: E402,F401 - `served` is the shared fixture
 
 KEY = "s3cret-key"
 
