@@ -180,6 +180,30 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+@dataclass
+class DecodeState:
+    """A batch being decoded step by step (`CompositionEngine.prefill` / `decode_step`).
+
+    The KV cache holds, per layer, keys and values [B, heads, L, d] for L columns; `mask`
+    [B, L] says which columns are a row's tokens (rows are left-padded, so every row's newest
+    token is in the last column). `routes` is each row's routing.
+    """
+
+    cache: Any
+    mask: torch.Tensor
+    routes: list[Routing]
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch."""
+        return self.mask.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Cache columns (the longest row's tokens, plus padding)."""
+        return self.mask.shape[1]
+
+
 class CompositionEngine:
     """One base model with many adapters, routed per row (see the module docstring).
 
@@ -642,6 +666,112 @@ class CompositionEngine:
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return torch.stack(new, dim=1).cpu()
+
+    # ------------------------------------------------------------------ step by step (continuous batching)
+
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[Sequence[int]], routing: Sequence[RoutingLike] | RoutingLike = None
+                ) -> tuple[DecodeState, torch.Tensor]:
+        """Run prompts through the model once, keeping their KV cache for `decode_step`.
+
+        Together, `prefill`, `decode_step`, `join_states` and `keep_rows` let a scheduler decode a
+        batch whose rows come and go between steps (`plait serve --scheduler continuous`): a row
+        decoded this way gets the same tokens as `generate_ids` gives it alone (the padding is
+        masked and its positions count its own tokens only).
+
+        Args:
+            rows: the prompts' token ids (each non-empty); they are left-padded.
+            routing: one routing per row, or one for all.
+
+        Returns:
+            (the batch's decoding state, the logits [B, V] (float32) of each row's next token).
+        """
+        rows = [list(r) for r in rows]
+        if not rows or not all(rows):
+            raise BadInputError("prefill needs at least one prompt, and every prompt needs a token")
+        ids, mask = self._pad(rows, "left")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        routes = self._resolve(routing, len(rows))
+        state = DecodeState(self._new_cache(), mask, routes)
+        with self.routed(routes, len(rows)):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.position_ids(mask),
+                             use_cache=True, **{self._cache_kwarg(): state.cache})
+        return state, out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def decode_step(self, state: DecodeState, next_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Feed one token per row (the one picked from the previous logits); returns the next logits.
+
+        Args:
+            state: from `prefill` (or `join_states` / `keep_rows`); updated in place.
+            next_ids: [B] the token each row decodes next.
+
+        Returns:
+            float32 logits [B, V] of each row's following token.
+        """
+        next_ids = torch.as_tensor(next_ids, dtype=torch.long, device=self.device).reshape(-1)
+        if next_ids.shape[0] != state.size:
+            raise BadInputError(f"got {next_ids.shape[0]} tokens for a decoding state of {state.size} rows")
+        # the new token's position is the count of the row's real tokens so far (padding does not count)
+        positions = state.mask.sum(-1, keepdim=True)
+        mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        with self.routed(state.routes, state.size):
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
+                             use_cache=True, **{self._cache_kwarg(): state.cache})
+        state.mask = mask
+        return out.logits[:, -1].float()
+
+    @staticmethod
+    def _layers(state: DecodeState) -> list[Any]:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = list(getattr(state.cache, "layers", []))
+        if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+            raise BadInputError("step-by-step decoding needs a model whose KV cache is a plain DynamicCache "
+                                "(no sliding-window or static layers); use generate_ids for this model")
+        return layers
+
+    @torch.inference_mode()
+    def join_states(self, a: DecodeState, b: DecodeState) -> DecodeState:
+        """One state with the rows of `a` then those of `b` (the shorter is left-padded with masked zeros).
+
+        Both states must be at a step boundary (every row has been fed the same steps since it
+        joined). `a` and `b` must not be used afterwards.
+        """
+        width = max(a.width, b.width)
+        parts = []
+        for s in (a, b):
+            pad = width - s.width
+            mask = torch.cat([torch.zeros_like(s.mask[:, :1]).expand(-1, pad), s.mask], 1) if pad else s.mask
+            parts.append((s, pad, mask))
+        for la, lb in zip(self._layers(a), self._layers(b)):
+            for name in ("keys", "values"):
+                tensors = []
+                for layer, (_, pad, _) in zip((la, lb), parts):
+                    t = getattr(layer, name)
+                    if pad:  # zeros under a masked position never reach the softmax
+                        t = torch.cat([t.new_zeros(*t.shape[:-2], pad, t.shape[-1]), t], dim=-2)
+                    tensors.append(t)
+                setattr(la, name, torch.cat(tensors, dim=0))
+        return DecodeState(a.cache, torch.cat([parts[0][2], parts[1][2]], 0), a.routes + b.routes)
+
+    @torch.inference_mode()
+    def keep_rows(self, state: DecodeState, rows: Sequence[int]) -> DecodeState | None:
+        """The state with only `rows` (indices into the batch, in the order given); None when empty.
+
+        Columns that are padding in every row kept are dropped, so a long row that leaves
+        takes its cache length with it.
+        """
+        rows = list(rows)
+        if not rows:
+            return None
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = state.mask.index_select(0, idx)
+        start = int((mask.sum(0) > 0).long().argmax())  # the first column some kept row uses
+        for layer in self._layers(state):
+            layer.keys = layer.keys.index_select(0, idx)[..., start:, :]
+            layer.values = layer.values.index_select(0, idx)[..., start:, :]
+        return DecodeState(state.cache, mask[:, start:], [state.routes[i] for i in rows])
 
     def _cache_kwarg(self) -> str:
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)

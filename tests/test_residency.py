@@ -194,9 +194,11 @@ def test_memory_bound_holds_whatever_clients_name(ws):
     assert s["loads"] - s["evictions"] == s["resident"] == 3
 
 
-def test_batcher_holds_rows_and_fails_only_the_request_that_does_not_fit(ws):
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_batcher_holds_rows_and_fails_only_the_request_that_does_not_fit(ws, scheduler):
     """Three requests for three adapters in one batch with two slots: two are served, the third gets a 503."""
-    from plait.server import Batcher, Done, Failed, GenerationRequest, Prompt, Sampling, ServerConfig, api_error
+    from plait.server import Done, Failed, GenerationRequest, Prompt, Sampling, ServerConfig, api_error
+    from plait.server.continuous import make_batcher
     from routing.engine import Routing
 
     rm = routed(ws, max_adapters=2)
@@ -205,7 +207,7 @@ def test_batcher_holds_rows_and_fails_only_the_request_that_does_not_fit(ws):
     ids = tok(prompt)["input_ids"]
 
     async def run(models):
-        batcher = Batcher(rm, ServerConfig(max_batch=8, max_wait_ms=300))
+        batcher = make_batcher(rm, ServerConfig(scheduler=scheduler, max_batch=8, max_wait_ms=300))
         await batcher.start()
         try:
             tickets = [batcher.submit(GenerationRequest(m, [Prompt(ids, prompt)], Sampling(max_tokens=4)))

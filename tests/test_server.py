@@ -60,15 +60,12 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(workspace, routed model, live server, openai client) over two tiny trained domains."""
-    from plait.server import ServerConfig, create_app
+def build_served_model(root: Path):
+    """(workspace, routed model) over two tiny trained domains (`cats` LoRA, `law` bottleneck) under `root`."""
     from plait.service import RoutedModel
     from plait.workspace import Workspace
     from tests.tiny import make_tiny_base
 
-    root = tmp_path_factory.mktemp("serve")
     base = make_tiny_base(root / "base")
     ws = Workspace.init(root / "ws", base_model=str(base), tracking_uri="none")
     # these tests serve each domain with its own adapter; re-pointing (tests/test_repoint.py) is off here:
@@ -80,8 +77,28 @@ def served(tmp_path_factory):
         ws.add_domain(name, data, method=method, steps=6, batch_size=4, max_length=32, progress=False, audit=False)
     rm = RoutedModel(ws)
     rm.engine.tokenizer.chat_template = CHAT_TEMPLATE
-    config = ServerConfig(max_batch=16, max_wait_ms=50, max_queue=64, max_prompt_tokens=64, max_tokens_limit=32)
+    return ws, rm
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """(workspace, routed model) over the two tiny domains, without a server (tests/test_continuous.py)."""
+    return build_served_model(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def served(request, tmp_path_factory):
+    """(workspace, routed model, live server, openai client), once per scheduler (`live.scheduler`).
+
+    Each scheduler gets its own workspace: the tests register versions and move aliases.
+    """
+    from plait.server import ServerConfig, create_app
+
+    ws, rm = build_served_model(tmp_path_factory.mktemp(f"serve-{request.param}"))
+    config = ServerConfig(scheduler=request.param, max_batch=16, max_wait_ms=50, max_queue=64, max_prompt_tokens=64,
+                          max_tokens_limit=32)
     live = LiveServer(create_app(rm, config))
+    live.scheduler = request.param
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield ws, rm, live, client
     live.stop()
@@ -316,7 +333,8 @@ def test_queue_full_gets_503_and_server_survives(served):
     from plait.server import ServerConfig, create_app
 
     _, rm, _, _ = served
-    small = LiveServer(create_app(rm, ServerConfig(max_batch=1, max_wait_ms=0, max_queue=1, max_tokens_limit=32)))
+    small = LiveServer(create_app(rm, ServerConfig(scheduler=served[2].scheduler, max_batch=1, max_wait_ms=0,
+                                                   max_queue=1, max_tokens_limit=32)))
     try:
         def call(_):
             return requests.post(small.url + "/v1/completions", timeout=60,

@@ -33,7 +33,8 @@ def server_with(served):  # noqa: F811 - the imported fixture
     started = []
 
     def start(api_key: str | None = None, **config) -> LiveServer:
-        cfg = dict(max_batch=16, max_wait_ms=20, max_queue=64, max_prompt_tokens=64, max_tokens_limit=32)
+        cfg = dict(scheduler=served[2].scheduler, max_batch=16, max_wait_ms=20, max_queue=64, max_prompt_tokens=64,
+                   max_tokens_limit=32)
         live = LiveServer(create_app(served[1], ServerConfig(**{**cfg, **config}), api_key=api_key))
         started.append(live)
         return live

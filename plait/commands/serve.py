@@ -1,4 +1,4 @@
-"""`plait serve`: the OpenAI-compatible HTTP server with dynamic batching (see `plait.server`)."""
+"""`plait serve`: the OpenAI-compatible HTTP server with continuous batching (see `plait.server`)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ def serve(
     ] = False,
     docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and /openapi.json (off by default).")
                     ] = False,
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", help="continuous: requests join and leave the running batch at every decode step; "
+                            "static: a batch runs until its last row ends (for comparison).")] = "continuous",
     metrics_public: Annotated[bool, typer.Option(
         "--metrics-public", help="Answer GET /metrics (Prometheus) without the API key (off by default).")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts decoded together in one batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
-        "--max-wait-ms", help="How long to gather more requests after the first one arrives.")] = 10.0,
+        "--max-wait-ms", help="static: how long to gather more requests after the first one arrives.")] = 10.0,
     alias: Annotated[str, typer.Option(
         "--alias", help="Alias served for a routed domain when the adapter has it.")] = "production",
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most waiting requests; more get 503.")] = 256,
@@ -61,12 +64,11 @@ def serve(
     from routing.residency import check_max_adapters
 
     check_max_adapters(max_adapters, "--max-adapters")
-    config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    config = ServerConfig(scheduler=scheduler, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                           max_body_bytes=max_body_bytes, max_messages=max_messages,
                           max_route_inputs=max_route_inputs, max_route_input_chars=max_route_input_chars, docs=docs,
-                          metrics_public=metrics_public,
-                          max_adapters=max_adapters, preload=_preload_refs(preload))
+                          max_adapters=max_adapters, preload=_preload_refs(preload), metrics_public=metrics_public)
     ws = open_workspace(workspace)
     auth = "API key required" if api_key else "no API key"
     typer.echo(f"plait: serving {ws.path} on http://{host}:{port}/v1 ({auth}; model = auto | base | NAME[:V|@ALIAS])",

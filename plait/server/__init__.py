@@ -33,8 +33,9 @@ The parts, one job each:
     protocol.py   request bodies, OpenAI-shaped error bodies that leak no internals
     guard.py      ASGI middleware: request id, API key, body-size limit
     intake.py     body -> GenerationRequest: validate, template, tokenise (off the event loop)
-    batcher.py    the batching engine: submit a request, read its events, cancel it
-    metrics.py    ServerMetrics: the hooks the batcher and routes report to, and /metrics' text
+    batcher.py    the batching engine: submit a request, read its events, cancel it (static)
+    continuous.py the default scheduler: rows join and leave the batch at every decode step
+    metrics.py    ServerMetrics: the hooks the batchers and routes report to, and /metrics' text
     app.py        the FastAPI routes over the batcher, and `serve()`
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "request_id"}`:
@@ -49,9 +50,10 @@ from plait.server.app import check_exposure, create_app, is_loopback, list_model
 from plait.server.batcher import (Batcher, Delta, Done, Failed, Finished, GenerationRequest, Prompt,
                                   QueueFullError, RowResult, Sampling, Started, Ticket)
 from plait.server.config import MIN_TEMPERATURE, ServerConfig
+from plait.server.continuous import ContinuousBatcher
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import APIError, api_error
 
-__all__ = ["APIError", "Batcher", "Delta", "Done", "Failed", "Finished", "GenerationRequest", "MIN_TEMPERATURE",
-           "Prompt", "QueueFullError", "RowResult", "Sampling", "ServerConfig", "ServerMetrics", "Started", "Ticket",
-           "api_error", "check_exposure", "create_app", "is_loopback", "list_models", "serve"]
+__all__ = ["APIError", "Batcher", "ContinuousBatcher", "Delta", "Done", "Failed", "Finished", "GenerationRequest",
+           "MIN_TEMPERATURE", "Prompt", "QueueFullError", "RowResult", "Sampling", "ServerConfig", "ServerMetrics",
+           "Started", "Ticket", "api_error", "check_exposure", "create_app", "is_loopback", "list_models", "serve"]

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plait.server.batcher import Batcher, Delta, Done, Failed, Finished, QueueFullError, Started, Ticket
+from plait.server.batcher import Delta, Done, Failed, Finished, QueueFullError, Started, Ticket
 from plait.server.config import ServerConfig
+from plait.server.continuous import make_batcher
 from plait.server.guard import PUBLIC_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware, request_id_of
 from plait.server.intake import Intake
 from plait.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -45,7 +46,7 @@ class _Routes:
         self.routed = routed
         self.config = config
         self.metrics = ServerMetrics()
-        self.batcher = Batcher(routed, config, self.metrics)
+        self.batcher = make_batcher(routed, config, self.metrics)  # config.scheduler: continuous or static
         self.intake = Intake(routed.engine.tokenizer, config)
         # one thread: templating and tokenising leave the event loop but never race each other
         self.intake_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-intake")
@@ -322,7 +323,8 @@ def create_app(routed, config: ServerConfig | None = None, *, api_key: str | Non
             needs `Authorization: Bearer <api_key>`.
 
     Returns:
-        A FastAPI app; run it with uvicorn (`plait serve` does). `app.state.batcher` is the `Batcher`.
+        A FastAPI app; run it with uvicorn (`plait serve` does). `app.state.batcher` is the batcher
+        (`ContinuousBatcher` or the static `Batcher`, as `config.scheduler` says).
     """
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool

@@ -13,15 +13,23 @@ except in exact ties, and below ~1e-37 float32 logits / temperature overflow to 
 MAX_SEED = 2**64 - 1
 """Largest `seed` (torch's generators take 0 .. 2**64 - 1)."""
 
+SCHEDULERS = ("continuous", "static")
+"""The batch schedulers of `plait serve` (`ServerConfig.scheduler`)."""
+
 
 @dataclass
 class ServerConfig:
     """Limits and batching settings of `plait serve`."""
 
+    scheduler: str = "continuous"
+    """How requests share the engine: `continuous` (rows join and leave the running batch at every
+    decode step, plait/server/continuous.py) or `static` (a batch runs until its last row ends,
+    plait/server/batcher.py)."""
     max_batch: int = 32
     """Most prompt rows decoded together in one engine batch (and most prompts in one request)."""
     max_wait_ms: float = 10.0
-    """How long the batcher waits for more requests after the first one arrives."""
+    """How long the static batcher waits for more requests after the first one arrives (the
+    continuous one needs no wait: a request joins the running batch at the next step)."""
     max_queue: int = 256
     """Most requests waiting for a batch; more get 503."""
     max_prompt_tokens: int = 1024
@@ -52,6 +60,9 @@ class ServerConfig:
     used by `serve()` like `max_adapters`."""
 
     def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise BadInputError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}; "
+                                f"use --scheduler continuous (default) or static")
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "default_chat_max_tokens",
                      "max_body_bytes", "max_messages", "max_route_inputs", "max_route_input_chars"):
             value = getattr(self, name)
