@@ -7,7 +7,7 @@ folder (the demo takes its articles from the start of a seeded shuffle) — then
 would:
 
     plait init --workspace W
-    plait train D --data D.jsonl --method K --steps S --batch-size B --max-length L --no-audit --json
+    plait train D --data D.jsonl --method K --steps S --batch-size B --max-length L --json
     ...
     plait audit --baseline sequential,merged,joint --json --workspace W
 
@@ -115,15 +115,23 @@ def main() -> None:
     for domain, path in data.items():
         t = time.time()
         out = plait("train", domain, "--data", str(path), "--method", KINDS[domain], "--steps", str(a.steps),
-                    "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--no-audit", "--json", *ws)
-        train = out.get("train", {})
-        print(f"{domain:<18} {KINDS[domain]:<10} {time.time() - t:6.1f} s  init {train.get('init', '?')}", flush=True)
+                    "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--json", *ws)
+        init = out.get("train", {}).get("init") or {}
+        moved = ", ".join(f"{m['domain']} -> {m['new_ref']}" for m in out.get("repointed", [])) or "-"
+        print(f"{domain:<18} {KINDS[domain]:<10} {time.time() - t:6.1f} s  warm start {init.get('ref') or 'none'}; "
+              f"re-pointed {moved}", flush=True)
     audit = plait("audit", "--baseline", "sequential,merged,joint", "--json", *ws)
     m = audit["metrics"]
     print(f"\n{'system':<11} {'ACC':>7} {'max forgetting':>15}")
     for system in ("own", "routed", "sequential", "merged", "joint"):
         if system in m:
-            print(f"{system:<11} {m[system]['acc']:7.4f} {m[system].get('max_forgetting', float('nan')):15.4f}")
+            forgetting = m[system].get("max_forgetting")
+            print(f"{system:<11} {m[system]['acc']:7.4f} {'-' if forgetting is None else f'{forgetting:.4f}':>15}")
+    cur = audit.get("current", {})
+    systems = [x for x in ("base", "own", "routed", "sequential", "merged", "joint") if x in cur]
+    print(f"\n{'domain':<18}" + "".join(f"{x:>11}" for x in systems))
+    for d in audit["domains"]:
+        print(f"{d:<18}" + "".join(f"{cur[x][d]:11.4f}" for x in systems))
     r = m["routed"]["acc"]
     checks = [("own max forgetting == 0", m["own"]["max_forgetting"] == 0),
               ("routed max forgetting <= 0.02", m["routed"]["max_forgetting"] <= 0.02),
