@@ -21,7 +21,7 @@ from registry.errors import BadInputError
 from tests.train_helpers import write_jsonl
 from training.methods import get_method
 from training.trainer import TrainConfig, train_domain
-from training.warmstart import (BASELINE_DOMAIN, MAX_SAMPLE_TOKENS, SCORE_SHARE, find_candidates,
+from training.warmstart import (BASELINE_DOMAIN, MAX_SAMPLE_TOKENS, SAMPLE_SHARE, SCORE_SHARE, find_candidates,
                                 sample_examples, score_candidates)
 
 
@@ -250,7 +250,8 @@ def test_the_sample_keeps_to_the_budget():
     train_tokens = 16 * 4 * 50
     for passes in (1, 3, 6):
         picked = sample_examples(examples, passes, train_tokens, seed=0)
-        budget = min(MAX_SAMPLE_TOKENS, SCORE_SHARE * 2 * train_tokens / passes)  # a forward = half a step
+        budget = min(MAX_SAMPLE_TOKENS, SAMPLE_SHARE * 2 * train_tokens / passes)  # a forward = half a step
+        assert SAMPLE_SHARE == 0.75 * SCORE_SHARE
         assert sum(len(e.input_ids) for e in picked) <= budget < sum(len(e.input_ids) for e in picked) + 50
     assert len(sample_examples(examples, 50, 100, seed=0)) == 1  # at least one example, whatever the budget
     assert sample_examples(examples, 2, train_tokens, 0) == sample_examples(examples, 2, train_tokens, 0)

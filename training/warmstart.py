@@ -24,8 +24,10 @@ value are scored (a warm start keeps its source's shape).
 
 The scoring pass is bounded by the training it serves: it may cost at most `SCORE_SHARE`
 (10%) of the training's compute. A no-grad forward costs about half a training step per token
-on a frozen base (`FORWARD_COST`), so each of the n + 1 passes (n candidates and the base) scores
-a seeded sample of the training examples of at most 0.2 x (training tokens) / (n + 1) tokens,
+on a frozen base (`FORWARD_COST`), and three quarters of the share go to the forwards
+(`SAMPLE_SHARE`; the rest pays for finding, checking and loading the candidates), so each of the
+n + 1 passes (n candidates and the base) scores a seeded sample of the training examples of at
+most 0.15 x (training tokens) / (n + 1) tokens,
 and no more than `MAX_CANDIDATES` candidates (the newest) are scored. The base is loaded
 once; the candidates are loaded side by side into their kinds' engine stackers
 (`training/methods/_stacking.py`, `make_stacker`), which wrap each targeted layer once, and
@@ -50,6 +52,10 @@ AUTO, BASE = "auto", "base"
 MAX_CANDIDATES = 8
 #: the share of the training's compute the scoring pass may cost
 SCORE_SHARE = 0.1
+#: the part of that share the forward passes may use: the rest is for finding, hash-checking,
+#: loading and stacking the candidates (about 0.5-1 s with 4 candidates on SmolLM2, measured:
+#: with the whole share for the forwards the choice took 10.6-12.1% of the demo's training steps)
+SAMPLE_SHARE = 0.75 * SCORE_SHARE
 #: the cost of a token in a no-grad forward, relative to a token of a training step. With the base
 #: frozen, a step is a forward plus a backward that computes activation gradients only (no weight
 #: gradients but the adapter's), about two forwards: 1/2, not the 1/3 of full fine-tuning (with 1/3
@@ -225,7 +231,7 @@ def find_candidates(registry, method, fingerprint: str, given: dict[str, Any]) -
 
 def sample_examples(examples: list, n_passes: int, train_tokens: int, seed: int) -> list:
     """A seeded sample of `examples` within the scoring budget of one of `n_passes` passes (at least one)."""
-    budget = min(MAX_SAMPLE_TOKENS, SCORE_SHARE / FORWARD_COST * train_tokens / max(n_passes, 1))
+    budget = min(MAX_SAMPLE_TOKENS, SAMPLE_SHARE / FORWARD_COST * train_tokens / max(n_passes, 1))
     order = random.Random(f"plait-init-{seed}").sample(range(len(examples)), len(examples))
     picked, tokens = [], 0
     for i in order:
