@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     a = p.parse_args()
     root = a.workspace or Path(tempfile.mkdtemp(prefix="plait-transfer-"))
+    root.mkdir(parents=True, exist_ok=True)
     ws = ["--workspace", str(root / ".plait")]
     data = write_domains(root)
     t0 = time.time()

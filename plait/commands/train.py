@@ -102,6 +102,11 @@ def train(
         return
     if json_:
         return print_json(added.summary())
+    _print_added(added)
+
+
+def _print_added(added) -> None:
+    """The registered version, its training figures and the router, then the audit (if it ran)."""
     result = added.train
     m, v = result.metrics, result.version
     c = console()
@@ -109,6 +114,7 @@ def train(
     parent = v.parents[0] if v.parents else {}
     rows = [("sha256", short(v.sha256, 16)), ("parent", parent.get("ref") or f"base {short(parent.get('base'), 19)}"),
             ("init", result.init.describe().removeprefix("init ") if result.init else "-"),
+            ("replay", _replay_line(v.config.get("replay") or {})),
             ("train loss", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}"),
             ("eval loss", f"{m['eval_loss']:.4f}  (base {m['base_eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f})"),
             ("speed", f"{m['train_tokens_per_s']:.0f} tokens/s"), ("peak RSS", f"{m['peak_rss_mb']:.0f} MB"),
@@ -122,3 +128,9 @@ def train(
         from plait.commands.audit import print_audit
 
         print_audit(added.audit)
+
+
+def _replay_line(replay: dict) -> str:
+    if not replay.get("examples"):
+        return "none"
+    return f"{replay['examples']} examples of {', '.join(replay['per_domain'])} (share {replay['share']:g})"
