@@ -254,17 +254,17 @@ class ContinuousBatcher(Batcher):
             return
         gone = [r for r in self._running if r.row.finished]
         self._release(gone)
-        for t in {id(r.ticket): r.ticket for r in gone}.values():
-            if not t.cancelled and not t._closed and all(row.finished for row in t.rows):
-                t.emit(Done([self._result(row) for row in t.rows]))
         self._state = self.rm.engine.keep_rows(self._state, keep) if self._state is not None else None
         self._running = [self._running[i] for i in keep]
-        with self._stats_lock:
+        with self._stats_lock:  # before the answers go out: a client reading stats after its answer sees them
             if self._running:
                 self._stats["left"] += len(gone)
             else:
                 self._stats["batches"] += 1  # the running batch emptied: one busy period ended
             self._stats["running_rows"] = len(self._running)
+        for t in {id(r.ticket): r.ticket for r in gone}.values():
+            if not t.cancelled and not t._closed and all(row.finished for row in t.rows):
+                t.emit(Done([self._result(row) for row in t.rows]))
 
 
 def make_batcher(routed, config: ServerConfig, metrics: ServerMetrics | None = None) -> Batcher:
