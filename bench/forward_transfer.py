@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workspace", type=Path)
+    p.add_argument("--domains", default=None, help="comma-separated domains to measure (default: all)")
     a = p.parse_args()
+    only = set(a.domains.split(",")) if a.domains else None
 
     from plait.workspace import Workspace
     from registry.names import BASELINE_DOMAIN
@@ -36,7 +38,8 @@ def main() -> None:
                              tracking_uri="none")
     print(f"{'domain':<15} {'kind':<11} {'auto: init':<28} {'auto':>7} {'base':>7} {'auto-base':>10}")
     gains = []
-    for d in [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN]:
+    for d in [d["name"] for d in reg.search_domains() if d["eval_sha256"] and d["name"] != BASELINE_DOMAIN
+              and (only is None or d["name"] in only)]:
         first = sorted(reg.search_versions(domain=d), key=lambda v: v.created_at)[0]
         cfg = first.config
 
