@@ -353,12 +353,8 @@ class Batcher:
             held.extend(held_refs(served))
         groups: dict[tuple, list[tuple[Ticket, list]]] = {}
         for t in batch:
-            try:
-                served = decided.get(id(t)) or self.rm.decide([r.prompt.route_text for r in t.rows],
-                                                              t.request.model, t.request.top_k, hold=True)
-            except Exception as e:  # noqa: BLE001 - this request fails, the others are served
-                self._count("errors")
-                t.emit(Failed(e))
+            served = self._served(t, decided)
+            if served is None:
                 continue
             if id(t) not in decided:
                 held.extend(held_refs(served))
@@ -375,6 +371,17 @@ class Batcher:
                 for t, _ in group:
                     self._count("errors")
                     t.emit(Failed(e))
+
+    def _served(self, t: Ticket, decided: dict[int, list]) -> list | None:
+        """How `t`'s rows are served (the batch's auto decision, else its own, adapters held), or None
+        when resolving it failed: then `t` has its Failed and the others are served."""
+        try:
+            return decided.get(id(t)) or self.rm.decide([r.prompt.route_text for r in t.rows],
+                                                        t.request.model, t.request.top_k, hold=True)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others are served
+            self._count("errors")
+            t.emit(Failed(e))
+            return None
 
     def _route_auto(self, batch: list[Ticket]) -> dict[int, list]:
         """Route all `auto` requests of a batch in one router call per top_k (by ticket id).

@@ -167,12 +167,8 @@ class ContinuousBatcher(Batcher):
         decided = self._route_auto(tickets)  # holds the adapters of what it decides
         entries: list[tuple[Ticket, _Row, Any]] = []
         for t in tickets:
-            try:
-                served = decided.get(id(t)) or self.rm.decide([r.prompt.route_text for r in t.rows],
-                                                              t.request.model, t.request.top_k, hold=True)
-            except Exception as e:  # noqa: BLE001 - this request fails, the others are served
-                self._count("errors")
-                t.emit(Failed(e))
+            served = self._served(t, decided)
+            if served is None:
                 continue
             entries += [(t, row, s) for row, s in zip(t.rows, served)]
         self._count("resolve_s", time.perf_counter() - t0)
