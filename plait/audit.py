@@ -1049,6 +1049,7 @@ def _track(ws, result: AuditResult, out: Path) -> None:
                         flat[f"{s}.{k}"] = m[k]
             run.log_metrics(flat)
             run.log_artifacts(out, "report")
+        ws.registry.drain_mlflow()  # MLflow is open now: mirror what lighter commands queued
     except Exception as e:  # noqa: BLE001 - MLflow mirrors the audit; the registry already holds it
         import warnings
 

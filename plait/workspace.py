@@ -3,7 +3,7 @@
     .plait/
       plait.toml      base model, database URL, MLflow tracking URI
       registry.db     the registry (SQLite, WAL) unless db_url points elsewhere
-      mlflow.db       MLflow runs and the mirrored model registry (created by `init`)
+      mlflow.db       MLflow runs and the mirrored model registry (created on first use)
       mlartifacts/    MLflow's run artifacts (adapters and audit reports logged to runs)
       artifacts/      the content-addressed artifact store
       checkpoints/    in-progress training checkpoints, one slot per adapter name
@@ -169,7 +169,6 @@ class Workspace:
             with contextlib.suppress(OSError):  # a workspace made before plait wrote it 0600
                 cfg_file.chmod(0o600)
             existing.registry  # noqa: B018 - a damaged database is reported now, not "ready"
-            existing._create_tracking_store()
             return existing
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
@@ -180,26 +179,7 @@ class Workspace:
         except BaseException:
             cfg_file.unlink()  # a bad --db leaves no half-made workspace behind to trip the next command
             raise
-        ws._create_tracking_store()
         return ws
-
-    def _create_tracking_store(self) -> None:
-        """Create MLflow's schema and plait's experiments (artifacts under `mlartifacts/`) now.
-
-        MLflow migrates a fresh database in whichever process opens it first, with no lock of
-        its own; done here, parallel `plait train` jobs later find it ready. MLflow only
-        mirrors the registry, so a failure here warns and `plait registry sync-mlflow` retries.
-        """
-        if not self.tracking_uri:
-            return
-        try:
-            self.registry.tracking.create_store()
-        except Exception as e:  # noqa: BLE001 - a mirror; the workspace itself is ready
-            import warnings
-
-            warnings.warn(f"could not prepare the MLflow store {self.tracking_uri} ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:300]}); plait works without it, and "
-                          f"`plait registry sync-mlflow` mirrors everything once it is reachable", stacklevel=3)
 
     # ----------------------------------------------------------------- settings
     @property
@@ -222,7 +202,7 @@ class Workspace:
     @cached_property
     def registry(self) -> Registry:
         """The workspace's registry (opened on first use)."""
-        return Registry(self.db_url, self.artifact_root, tracking_uri=self.tracking_uri)
+        return Registry(self.db_url, self.artifact_root, tracking_uri=self.tracking_uri, defer_mirror=True)
 
     @cached_property
     def router_kind(self) -> str:

@@ -36,7 +36,7 @@ class Aliases(RegistryContext):
                 return self._point_alias(s, adapter, row.id, alias, force)
 
         info = _with_write_retries(tx)
-        self._mirror(lambda t: t.mirror_alias(info.name, alias, info.version))
+        self._mirror_queued()
         return info
 
     def rollback_alias(self, name: str, alias: str, *, force: bool = False) -> VersionInfo:
@@ -60,7 +60,7 @@ class Aliases(RegistryContext):
                 return self._point_alias(s, adapter, last.previous_version_id, alias, force)
 
         info = _with_write_retries(tx)
-        self._mirror(lambda t: t.mirror_alias(info.name, alias, info.version))
+        self._mirror_queued()
         return info
 
     def _point_alias(self, s: Session, adapter: Adapter, version_id: int, alias: str, force: bool) -> VersionInfo:
@@ -83,6 +83,7 @@ class Aliases(RegistryContext):
             cur.version_id, cur.updated_at = row.id, utcnow()
             s.add(cur)
         s.add(AliasEvent(adapter_id=adapter.id, alias=alias, version_id=row.id, previous_version_id=previous))
+        self._queue_mirror(s, row.id, alias)
         s.flush()
         return self._info(s, adapter, row)
 

@@ -49,4 +49,6 @@ class Registry(Domains, Versions, Aliases, Routers, Audits, Maintenance, MlflowS
         db_url: any SQLAlchemy URL; `sqlite:///path/registry.db` by default in a workspace.
         artifact_root: folder of the content-addressed artifact store.
         tracking_uri: MLflow tracking URI to mirror versions and aliases into, or None.
+        defer_mirror: queue MLflow mirrors until this process opens MLflow anyway or calls
+            `drain_mlflow` (see `RegistryContext`).
     """

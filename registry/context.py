@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from registry import db
 from registry.entities import VersionInfo
 from registry.errors import BadInputError, ConflictError, NotFoundError
-from registry.models import Adapter, AdapterVersion, Alias, Domain, Lineage
+from registry.models import Adapter, AdapterVersion, Alias, Domain, Lineage, MlflowPending
 from registry.names import Ref, parse_ref, validate_name
 from registry.store import ArtifactStore
 
@@ -66,15 +66,21 @@ class RegistryContext:
         db_url: any SQLAlchemy URL; `sqlite:///path/registry.db` by default in a workspace.
         artifact_root: folder of the content-addressed artifact store.
         tracking_uri: MLflow tracking URI to mirror versions and aliases into, or None.
+        defer_mirror: queue the MLflow mirror of a new version or alias move instead of writing
+            it at once, until this process opens MLflow for something else (a run) or calls
+            `drain_mlflow`; a command that only registers or moves an alias then never pays
+            for importing MLflow and opening its store (several seconds). The CLI defers.
     """
 
-    def __init__(self, db_url: str, artifact_root: Path, tracking_uri: str | None = None):
+    def __init__(self, db_url: str, artifact_root: Path, tracking_uri: str | None = None,
+                 defer_mirror: bool = False):
         self.db_url = db_url
         self.engine = db.make_engine(db_url)
         db.create_schema(self.engine)
         self.store = ArtifactStore(Path(artifact_root))
         self._tracking = None
         self.tracking_uri = tracking_uri
+        self.defer_mirror = defer_mirror
 
     @property
     def tracking(self):
@@ -175,14 +181,71 @@ class RegistryContext:
             s.flush()
         return row
 
-    def _mirror(self, fn) -> None:
-        """Mirror into MLflow; the registry stays the system of record, so failures only warn."""
-        if not self.tracking_uri:
+    # ----------------------------------------------------------------- the MLflow outbox
+    def _queue_mirror(self, s: Session, version_id: int, alias: str | None = None) -> None:
+        """Queue a version (or an alias of it) for MLflow in the caller's write transaction."""
+        if self.tracking_uri:
+            s.add(MlflowPending(version_id=version_id, alias=alias))
+
+    def _mirror_queued(self) -> None:
+        """After a commit that queued a mirror: drain the queue now, unless mirroring is deferred
+        and this process has not opened MLflow. The registry stays the system of record, so a
+        failing mirror only warns (the queue keeps what was not mirrored)."""
+        if not self.tracking_uri or (self.defer_mirror and self._tracking is None):
             return
         try:
-            fn(self.tracking)
+            self.drain_mlflow()
         except Exception as e:  # noqa: BLE001 - MLflow is a mirror, never a reason to fail a write
             import warnings
 
             warnings.warn(f"MLflow mirror failed ({type(e).__name__}: {e}); the registry is unchanged "
-                          f"and `plait registry sync-mlflow` mirrors it again", stacklevel=2)
+                          f"and `plait registry sync-mlflow` mirrors it again", stacklevel=3)
+
+    def pending_mirrors(self) -> int:
+        """How many queued changes MLflow has not mirrored yet."""
+        with self._session() as s:
+            return s.exec(select(func.count()).select_from(MlflowPending)).one()
+
+    def drain_mlflow(self) -> int:
+        """Mirror the queued versions and alias moves into MLflow, oldest first; returns how many.
+
+        An alias is mirrored to where it points now. A trained version whose run is not yet
+        linked (its logging failed) stays queued: `sync_mlflow` logs its run first.
+        """
+        if not self.tracking_uri:
+            return 0
+        with self._session() as s:
+            queued = [(p.id, p.version_id, p.alias) for p in s.exec(select(MlflowPending).order_by(MlflowPending.id))]
+        done: list[int] = []
+        mirrored: set[tuple[int, str | None]] = set()
+        try:
+            for pid, version_id, alias in queued:
+                if (version_id, alias) not in mirrored and not self._mirror_one(version_id, alias):
+                    continue
+                mirrored.add((version_id, alias))
+                done.append(pid)
+        finally:
+            if done:
+                with self._session(write=True) as s:
+                    for row in s.exec(select(MlflowPending).where(MlflowPending.id.in_(done))):
+                        s.delete(row)
+        return len(mirrored)
+
+    def _mirror_one(self, version_id: int, alias: str | None) -> bool:
+        """Mirror one queued entry; False leaves it queued (a trained version without its run)."""
+        with self._session() as s:
+            row = s.get(AdapterVersion, version_id)
+            adapter = s.get(Adapter, row.adapter_id)
+            info = self._info(s, adapter, row)
+            target = None
+            if alias is not None:
+                pointer = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+                target = pointer and s.get(AdapterVersion, pointer.version_id).version
+        if alias is None:
+            trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
+            if info.mlflow_run_id is None and trained and "steps" in info.config:
+                return False
+            self.tracking.mirror_version(info, self.store.path(info.location))
+        elif target is not None:
+            self.tracking.mirror_alias(info.name, alias, target)
+        return True

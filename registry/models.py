@@ -141,6 +141,22 @@ class RouterVersion(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class MlflowPending(SQLModel, table=True):
+    """A registry change MLflow has not mirrored yet (the outbox `registry.sync` drains).
+
+    Written in the same transaction as the change, so a version or alias move is never lost
+    to the mirror, whatever happens to the process after its commit. `alias` None: the version
+    itself; else the alias, mirrored to wherever it points when the outbox is drained.
+    """
+
+    __tablename__ = "mlflow_pending"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version_id: int = Field(foreign_key="adapterversion.id", index=True)
+    alias: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class SchemaVersion(SQLModel, table=True):
     """plait's schema version: one row, written by `registry.db.migrate`.
 

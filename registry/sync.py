@@ -21,11 +21,12 @@ class MlflowSync(RegistryContext):
                 adapter, row = self._resolve_row(s, ref)
                 row.mlflow_run_id = run_id
                 s.add(row)
+                self._queue_mirror(s, row.id)
                 s.flush()
                 return self._info(s, adapter, row)
 
         info = _with_write_retries(tx)
-        self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+        self._mirror_queued()
         return info
 
     def sync_mlflow(self) -> int:
@@ -46,6 +47,7 @@ class MlflowSync(RegistryContext):
             self.tracking.mirror_version(info, self.store.path(info.location))
             for alias in info.aliases:
                 self.tracking.mirror_alias(info.name, alias, info.version)
+        self.drain_mlflow()  # what was queued is mirrored now: empty the queue
         return len(versions)
 
     def _restore_run(self, info: VersionInfo) -> VersionInfo:

@@ -10,8 +10,8 @@ The default tracking URI is a SQLite file in the workspace: MLflow 3's file stor
 maintenance mode and refuses to start unless MLFLOW_ALLOW_FILE_STORE is set. MLflow creates
 and migrates its schema when a client first opens the database, in every process, with no
 lock of its own: jobs that open a fresh `mlflow.db` together fail inside that migration. So
-`plait init` creates the store, and every opening of a SQLite store holds a file lock
-(`mlflow.db.lock`) while MLflow checks its schema. Run artifacts go where the experiment
+every opening of a SQLite store holds a file lock (`mlflow.db.lock`) while MLflow checks its
+schema; the first process to need MLflow creates the store (not `plait init`, which stays fast). Run artifacts go where the experiment
 says; plait creates its experiments with their artifact location inside the workspace
 (`mlartifacts/<experiment>`), not MLflow's default `./mlruns` of whatever folder plait runs in.
 """
@@ -74,13 +74,6 @@ class Tracking:
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             if not self.is_server:
                 self.client.search_registered_models(max_results=1)  # opens the model registry store too
-
-    def create_store(self) -> None:
-        """Create the tracking database's schema and plait's experiments now (`plait init`), once,
-        rather than in the first jobs that happen to run together. A no-op for a tracking server."""
-        if not self.is_server:
-            for name in (TRAIN_EXPERIMENT, AUDIT_EXPERIMENT):
-                self.experiment_id(name)
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created with its artifacts under `artifact_root` if new.

@@ -53,7 +53,8 @@ class Versions(RegistryContext):
             parents: (ref, relation[, weight]) edges to earlier versions (warm-start, merge).
                 Without parents the version gets one edge to its base (`base_relation`).
             metrics: name -> value, recorded with eval_domain = the adapter's domain.
-            mirror: mirror the version into MLflow now (the trainer mirrors it once its run is logged).
+            mirror: mirror the version into MLflow now, unless the registry defers mirroring
+                (it is queued either way; the trainer mirrors it once its run is logged).
 
         Returns:
             the new version. Its number is unique per adapter, even under concurrent writers.
@@ -74,7 +75,7 @@ class Versions(RegistryContext):
         info = _with_write_retries(tx)
         _fault("registry.after_commit")
         if mirror:
-            self._mirror(lambda t: t.mirror_version(info, self.store.path(info.location)))
+            self._mirror_queued()
         return info
 
     def _check_new_version(self, name: str, domain: str, kind: str, base_fingerprint: str,
@@ -121,6 +122,7 @@ class Versions(RegistryContext):
             s.add(Lineage(child_id=row.id, parent_base=row.base_fingerprint, relation=base_relation))
         for mname, value in (metrics or {}).items():
             s.add(Metric(version_id=row.id, eval_domain=domain, name=mname, value=float(value)))
+        self._queue_mirror(s, row.id)
         s.flush()
         return self._info(s, adapter, row)
 

@@ -2,8 +2,9 @@
 
 - MLflow created and migrated its schema in whichever processes opened a fresh `mlflow.db`
   first, concurrently and unlocked: jobs started together failed after training, with nothing
-  registered. Now `plait init` creates the store, opening one holds a file lock, the version
-  is registered before any MLflow call, and a tracking failure warns; `sync-mlflow` repairs it.
+  registered. Now opening one holds a file lock, the version is registered before any MLflow
+  call, and a tracking failure warns; `sync-mlflow` repairs it. Commands that only register
+  or move an alias queue their mirror and never open MLflow.
 - Two runs of one adapter name shared a checkpoint folder: the second deleted the first's
   in-progress checkpoint. Now the second is refused while the first runs.
 - MLflow wrote run artifacts to `./mlruns` of the current folder, outside the workspace.
@@ -42,14 +43,70 @@ def rows(word: str, n: int = 12) -> list[dict]:
 
 
 # ----------------------------------------------------------------- the tracking store
-def test_init_creates_the_tracking_store_with_experiments_in_the_workspace(tmp_path, tiny_base, capsys):
+def test_mirrors_are_queued_by_light_commands_and_drained_by_sync(tmp_path, tiny_base, tiny_loras, capsys):
+    """`init`, `registry import` and `registry alias` never open MLflow (seconds a command): each
+    queues its mirror in its own transaction; `sync-mlflow` (or any process that opens MLflow
+    anyway) drains the queue, the alias to where it points now."""
+    from plait.workspace import Workspace
+
     ws = tmp_path / "ws"
     assert main(["init", "--workspace", str(ws), "--base-model", str(tiny_base)]) == 0
-    with sqlite3.connect(ws / "mlflow.db") as db:  # MLflow's schema is there, migrated to its head
-        assert db.execute("select count(*) from alembic_version").fetchone()[0] == 1
-        locations = dict(db.execute("select name, artifact_location from experiments"))
-    assert locations["plait-train"] == (ws / "mlartifacts" / "plait-train").as_uri()
-    assert locations["plait-audit"] == (ws / "mlartifacts" / "plait-audit").as_uri()
+    for folder in tiny_loras[:2]:
+        assert main(["registry", "import", str(folder), "--name", "legal", "--domain", "law",
+                     "--workspace", str(ws)]) == 0
+    assert main(["registry", "alias", "legal:1", "production", "--workspace", str(ws)]) == 0
+    assert main(["registry", "alias", "legal:2", "production", "--workspace", str(ws)]) == 0
+    assert not (ws / "mlflow.db").exists()
+    reg = Workspace(ws).registry
+    assert reg.pending_mirrors() == 4
+    capsys.readouterr()
+    assert main(["registry", "sync-mlflow", "--workspace", str(ws)]) == 0
+    assert "mirrored 2 version(s)" in capsys.readouterr().out
+    assert reg.pending_mirrors() == 0
+    client = mlflow_client(ws)
+    assert sorted(m.tags["plait_ref"] for m in client.search_model_versions("name='legal'")) == ["legal:1", "legal:2"]
+    assert client.get_model_version_by_alias("legal", "production").tags["plait_ref"] == "legal:2"
+
+    # a process that has MLflow open mirrors its own writes at once, and what was queued before
+    assert main(["registry", "import", str(tiny_loras[2]), "--name", "legal", "--domain", "law",
+                 "--workspace", str(ws)]) == 0
+    assert reg.pending_mirrors() == 1
+    reg.tracking  # noqa: B018 - opens MLflow in this process
+    reg.set_alias("legal:1", "staging")
+    assert reg.pending_mirrors() == 0
+    assert client.get_model_version_by_alias("legal", "staging").tags["plait_ref"] == "legal:1"
+    assert [m.tags["plait_ref"] for m in client.search_model_versions("name='legal'")
+            if m.tags["plait_version"] == "3"] == ["legal:3"]
+    reg.close()
+
+
+LIGHT = textwrap.dedent("""
+    import sys
+    from plait.cli import main
+    code = main(sys.argv[1:])
+    heavy = sorted(m for m in ("torch", "mlflow", "transformers", "peft") if m in sys.modules)
+    print("heavy:", ",".join(heavy) or "none")
+    sys.exit(code)
+""")
+
+
+def test_registry_commands_load_neither_torch_nor_mlflow(tmp_path, tiny_base, tiny_loras):
+    """The registry's everyday commands start in about a second: detecting an imported folder's
+    kind reads the kinds' literal ARTIFACT_MATCH without importing them, and MLflow is queued."""
+    ws = str(tmp_path / "ws")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def light(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-c", LIGHT, *args, "--workspace", ws], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    assert light("init", "--base-model", str(tiny_base)) == "heavy: none"
+    assert light("registry", "import", str(tiny_loras[0]), "--name", "legal", "--domain", "law") == "heavy: none"
+    assert light("registry", "alias", "legal:1", "production") == "heavy: none"
+    assert light("registry", "show", "legal@production", "--json") == "heavy: none"
+    assert light("registry", "export", "legal@production", str(tmp_path / "out")) == "heavy: none"
 
 
 OPENER = textwrap.dedent("""

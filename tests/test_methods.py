@@ -294,3 +294,23 @@ def test_missing_modules_are_named(tiny_base):
         method.attach(base.model, BottleneckSettings(layers_path="transformer.blocks"))
     with pytest.raises(BadInputError, match="LoRA target module 'c_attn' does not exist in LlamaForCausalLM"):
         get_method("lora").attach(base.model, LoraSettings(target_modules=["c_attn"]))
+
+
+def test_artifact_match_rules_and_detection_without_importing_the_kinds():
+    """True: present and truthy; False: absent or falsy; strings case-insensitive; others equal."""
+    from training.methods import _declared, artifact_matches, detect_kind
+
+    spec = {"peft_type": "LORA", "use_dora": False, "r": 8}
+    assert artifact_matches(spec, {"peft_type": "lora", "r": 8})
+    assert artifact_matches(spec, {"peft_type": "LORA", "use_dora": None, "r": 8})
+    assert not artifact_matches(spec, {"peft_type": "LORA", "use_dora": True, "r": 8})
+    assert not artifact_matches(spec, {"peft_type": "LORA", "r": 4})
+    assert not artifact_matches(spec, {"peft_type": 7, "r": 8})
+    assert artifact_matches({"use_dora": True}, {"use_dora": 1}) and not artifact_matches({"use_dora": True}, {})
+    assert detect_kind({"peft_type": "LORA", "use_dora": True}) == "dora"
+    assert detect_kind({"peft_type": "LORA"}) == "lora"
+    assert detect_kind({"plait_adapter": "bottleneck"}) == "bottleneck"
+    assert detect_kind({"peft_type": "IA3"}) is None
+    assert _declared("qlora") == {"ARTIFACT_KIND": "lora"}  # writes lora's files: never detected as qlora
+    for name, method in METHODS.items():  # the literal read from the source is what the module holds
+        assert _declared(name).get("ARTIFACT_MATCH") == getattr(method.module, "ARTIFACT_MATCH", None)

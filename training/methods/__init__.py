@@ -10,13 +10,18 @@ and fills in the optional parts.
 
 The kinds' modules are imported on first use of `METHODS` / `get_method`, not with this
 package: their names (`kind_names()`) come from the file names, so the CLI can list the
-choices without importing torch.
+choices without importing torch. A kind that owns a file format says which
+adapter_config.json is its own with a literal `ARTIFACT_MATCH` (read from the module's source,
+not by importing it), so `plait registry import` detects a folder's kind without torch.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import importlib
+import importlib.util
 import json
 import pkgutil
 from dataclasses import dataclass, fields
@@ -37,6 +42,9 @@ class AdapterKind(Protocol):
     Attributes:
         DEFAULT_LR: the learning rate the trainer uses when none is given.
         RANK_OPTION: the config field `--rank` sets (e.g. `r`, or `bottleneck_size`).
+        ARTIFACT_MATCH: a literal dict saying which adapter_config.json is this kind's (see
+            `artifact_matches`); required unless the kind writes another kind's files
+            (`ARTIFACT_KIND` below).
     """
 
     DEFAULT_LR: float
@@ -53,9 +61,6 @@ class AdapterKind(Protocol):
 
     def read_config(self, folder: Path):
         """The config an artifact was saved with."""
-
-    def matches(self, config: dict) -> bool:
-        """Whether an artifact's adapter_config.json (as a dict) is an artifact of this kind."""
 
     def disabled(self, model) -> contextlib.AbstractContextManager:
         """A context in which the model's outputs equal the base's."""
@@ -132,7 +137,9 @@ class Method:
         return self.module.read_config(folder)
 
     def matches(self, config: dict) -> bool:
-        return bool(self.module.matches(config))
+        """Whether an artifact's adapter_config.json (as a dict) is an artifact of this kind."""
+        spec = getattr(self.module, "ARTIFACT_MATCH", None)
+        return self.artifact_kind == self.name and spec is not None and artifact_matches(spec, config)
 
     def disabled(self, model):
         return self.module.disabled(model)
@@ -225,9 +232,11 @@ def register_method(name: str, config_cls: type, module: ModuleType) -> Method:
     if name in _METHODS and _METHODS[name].module is not module:
         raise ValueError(f"adapter kind {name!r} is registered twice ({_METHODS[name].module.__name__}, {module.__name__})")
     if not isinstance(module, AdapterKind):
-        lacking = [m for m in ("DEFAULT_LR", "RANK_OPTION", "attach", "save", "load", "read_config", "matches",
+        lacking = [m for m in ("DEFAULT_LR", "RANK_OPTION", "attach", "save", "load", "read_config",
                                "disabled", "make_stacker") if not hasattr(module, m)]
         raise TypeError(f"adapter kind {name!r} ({module.__name__}) lacks {', '.join(lacking)}")
+    if getattr(module, "ARTIFACT_KIND", name) == name and not isinstance(getattr(module, "ARTIFACT_MATCH", None), dict):
+        raise TypeError(f"adapter kind {name!r} ({module.__name__}) writes its own files but has no ARTIFACT_MATCH dict")
     _METHODS[name] = Method(name, config_cls, module)
     return _METHODS[name]
 
@@ -250,16 +259,69 @@ def mergeable_kinds() -> tuple[str, ...]:
     return tuple(n for n, m in sorted(_load_all().items()) if m.mergeable)
 
 
+def artifact_matches(spec: dict, config: dict) -> bool:
+    """Whether an adapter_config.json (as a dict) meets a kind's `ARTIFACT_MATCH`.
+
+    Each key of `spec` must hold in `config`: `True` means present and truthy, `False` absent
+    or falsy, any other value equal (strings compared case-insensitively: PEFT writes
+    `"LORA"`, older files `"lora"`).
+    """
+    for key, want in spec.items():
+        have = config.get(key)
+        if want is True or want is False:
+            if bool(have) is not want:
+                return False
+        elif isinstance(want, str):
+            if not isinstance(have, str) or have.casefold() != want.casefold():
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+@functools.cache
+def _declared(name: str) -> dict[str, Any]:
+    """A kind module's literal `ARTIFACT_KIND` and `ARTIFACT_MATCH`, read from its source
+    without importing it (kinds' modules import torch, seconds that detection does not need).
+
+    Raises:
+        TypeError: the module assigns one of them something that is not a literal.
+    """
+    spec = importlib.util.find_spec(f"{__name__}.{name}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), spec.origin)
+    found: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in ("ARTIFACT_KIND", "ARTIFACT_MATCH"):
+                    try:
+                        found[target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        raise TypeError(f"training/methods/{name}.py: {target.id} must be a literal "
+                                        f"(it is read without importing the module)") from None
+    return found
+
+
+def _owners() -> dict[str, dict]:
+    """Kind name -> ARTIFACT_MATCH of the kinds that own their file format, without importing them."""
+    owners = {}
+    for name in kind_names():
+        declared = _declared(name)
+        if declared.get("ARTIFACT_KIND", name) == name and "ARTIFACT_MATCH" in declared:
+            owners[name] = declared["ARTIFACT_MATCH"]
+    return owners
+
+
 def detect_kind(config: dict) -> str | None:
     """The kind whose artifact `config` (an adapter_config.json as a dict) is, or None.
 
-    Only kinds that own their file format take part (`Method.artifact_kind == name`); a config
-    that two kinds claim is refused rather than guessed.
+    Only kinds that own their file format take part (`ARTIFACT_KIND` is their own name); a
+    config that two kinds claim is refused rather than guessed. Imports no kind module.
 
     Raises:
         BadInputError: more than one kind claims the config.
     """
-    found = [n for n, m in sorted(_load_all().items()) if m.artifact_kind == n and m.matches(config)]
+    found = [name for name, spec in _owners().items() if artifact_matches(spec, config)]
     if len(found) > 1:
         raise BadInputError(f"adapter config is claimed by the kinds {', '.join(found)}; it is ambiguous")
     return found[0] if found else None
@@ -295,7 +357,7 @@ def detect_folder(folder: str | Path) -> str:
     kind = detect_kind(read_adapter_config(folder))
     if kind is None:
         raise BadInputError(f"{Path(folder) / 'adapter_config.json'} is not an adapter of a known kind "
-                            f"({', '.join(n for n, m in sorted(_load_all().items()) if m.artifact_kind == n)})")
+                            f"({', '.join(_owners())})")
     return kind
 
 

@@ -39,6 +39,8 @@ from training.methods import register_method
 
 DEFAULT_LR = 1e-3
 RANK_OPTION = "bottleneck_size"
+#: a plait bottleneck config
+ARTIFACT_MATCH = {"plait_adapter": "bottleneck"}
 PLACEMENTS = {"pfeiffer": ("mlp",), "houlsby": ("attn", "mlp")}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 #: (layers_path, {site: module name inside a block}) tried in order when none is given
@@ -314,11 +316,6 @@ def load(model: nn.Module, folder: Path, trainable: bool = False) -> BottleneckM
 
 def disabled(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
-def matches(config: dict) -> bool:
-    """A plait bottleneck config (`"plait_adapter": "bottleneck"`)."""
-    return config.get("plait_adapter") == "bottleneck"
 
 
 def unwrap(model):

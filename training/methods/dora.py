@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from registry.errors import BadInputError
-from training.methods import lora, read_adapter_config, register_method
+from training.methods import artifact_matches, lora, read_adapter_config, register_method
 from training.methods._lora_stack import LoraDelta, LoraEntry, LoraStacker
 from training.methods.lora import LoraSettings
 
@@ -46,16 +46,13 @@ DEFAULT_LR = lora.DEFAULT_LR
 RANK_OPTION = lora.RANK_OPTION
 MERGEABLE = False
 MAGNITUDE = "lora_magnitude_vector"
+#: a PEFT LoRA config with use_dora set
+ARTIFACT_MATCH = {"peft_type": "LORA", "use_dora": True}
 
 
 @dataclass
 class DoraSettings(LoraSettings):
     """Options of a DoRA adapter: LoRA's (r, alpha, dropout, target_modules); m is always trained."""
-
-
-def matches(config: dict) -> bool:
-    """A PEFT LoRA config with `use_dora` set."""
-    return str(config.get("peft_type", "")).upper() == "LORA" and bool(config.get("use_dora"))
 
 
 def attach(model, settings: DoraSettings):
@@ -79,7 +76,7 @@ def read_config(folder) -> DoraSettings:
         BadInputError: the config is a LoRA one without use_dora.
     """
     cfg = read_adapter_config(folder)
-    if not matches(cfg):
+    if not artifact_matches(ARTIFACT_MATCH, cfg):
         raise BadInputError(f"{folder}/adapter_config.json is not a DoRA config (no use_dora: true)")
     s = lora.read_config(folder)
     return DoraSettings(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.target_modules)
@@ -144,7 +141,7 @@ class DoraStacker(LoraStacker):
     unsupported = tuple(u for u in LoraStacker.unsupported if u[0] != "use_dora")
 
     def check_config(self, name: str, cfg: dict) -> None:
-        if not matches(cfg):
+        if not artifact_matches(ARTIFACT_MATCH, cfg):
             raise BadInputError(f"adapter {name!r} is not a DoRA adapter (its config lacks use_dora: true)")
         super().check_config(name, cfg)
 

@@ -50,6 +50,8 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BERT_TARGETS = ("query", "key", "value", "dense")
 #: kinds whose artifacts can initialise a LoRA adapter (a warm start): QLoRA's are the same PEFT layout
 SEEDS_FROM = ("lora", "qlora")
+#: a PEFT LoRA config with none of the variant options that change its maths (use_dora: `dora`)
+ARTIFACT_MATCH = {"peft_type": "LORA", "use_dora": False}
 
 
 @dataclass
@@ -194,15 +196,6 @@ def unwrap(model):
         inner = fn()
         return inner if inner is not model else None
     return None
-
-
-def matches(config: dict) -> bool:
-    """A PEFT LoRA config with none of the variant options (e.g. use_dora) that change its maths."""
-    return str(config.get("peft_type", "")).upper() == "LORA" and not any(config.get(f) for f in VARIANT_FLAGS)
-
-
-#: PEFT options that make a LoRA a different adapter (another kind, if any, serves it)
-VARIANT_FLAGS = ("use_dora",)
 
 
 def make_stacker(sites):

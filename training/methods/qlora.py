@@ -136,7 +136,6 @@ def load(model, folder, trainable: bool = False):
 
 save = lora.save
 disabled = lora.disabled
-matches = lora.matches
 unwrap = lora.unwrap
 make_stacker = lora.make_stacker
 
