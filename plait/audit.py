@@ -89,8 +89,13 @@ BASELINE_SEED = 0
 OUTPUT_TOLERANCE = 1e-4
 #: how far the routed system may sit above the base on the control set (nats)
 CONTROL_TOLERANCE = 0.05
-#: above this many domains the heatmap has no labels and the report no domains x stages table
+#: above this many domains the heatmap has no labels and the report no domains x stages table;
+#: summaries (audit.json, `--json`, the registry's copy) then hold, of each stage x domain
+#: matrix, the three vectors the metrics read (`matrix_vectors`) instead of N x N cells, and the
+#: final stage's served version per domain; every figure stays in the registry (its metrics)
 HEATMAP_LABELS = 40
+#: the heatmap draws at most the newest this many domains (rows and columns)
+HEATMAP_MAX = 200
 
 
 @dataclass
@@ -119,7 +124,21 @@ class AuditResult:
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        """The result as JSON-ready data; above HEATMAP_LABELS domains the matrices and the served
+        table shrink to what grows linearly (see HEATMAP_LABELS)."""
+        out = dict(self.__dict__)
+        if len(self.domains) > HEATMAP_LABELS:
+            out["matrix_vectors"] = {s: matrix_vectors(R) for s, R in out.pop("matrices").items()}
+            out["served_final"] = {d: refs[-1] if refs else None for d, refs in out.pop("served").items()}
+        return out
+
+
+def matrix_vectors(R: list[list[float | None]]) -> dict[str, list[float | None]]:
+    """What the continual-learning metrics read of a stage x domain matrix: R[j][j] (`diagonal`),
+    R[j-1][j] (`previous`, None for the first domain) and the final stage's row (`final`)."""
+    return {"diagonal": [R[j][j] for j in range(len(R))],
+            "previous": [None] + [R[j - 1][j] for j in range(1, len(R))],
+            "final": list(R[-1]) if R else []}
 
 
 def _texts(rows: list[dict]) -> tuple[list[str], list[str] | None]:
@@ -604,12 +623,13 @@ def _control(aud: _Auditor, stage: _Stage) -> dict[str, float]:
 def _store(ws, aud: _Auditor, plan: _Plan, result: AuditResult, max_length: int, out_dir) -> None:
     """Record the audit and the figures measured now in the registry; set its id and report folder."""
     reg = ws.registry
+    whole = result.summary()
     summary = {"domains": result.domains, "metrics": result.metrics, "current": result.current,
                "routing_accuracy": result.routing_accuracy, "control": result.control,
                "integrity": result.integrity, "passed": result.passed, "reasons": result.reasons,
                "max_forgetting": result.max_forgetting, "max_length": max_length, "router": plan.current.info.ref,
-               "matrices": result.matrices, "baselines": result.baselines, "served": result.served,
-               "own_versions": result.own_versions, "routed_rows": aud.routed_rows,
+               **{k: whole[k] for k in ("matrices", "matrix_vectors", "served", "served_final") if k in whole},
+               "baselines": result.baselines, "own_versions": result.own_versions, "routed_rows": aud.routed_rows,
                # which router version each stage's routed figures measured: later audits reuse them only for it
                "stage_routers": {str(k): st.info.ref for k, st in plan.stages.items()}}
     audit = reg.create_audit(domains=result.domains, passed=result.passed, summary=summary)
@@ -623,14 +643,18 @@ def _audit_length(reg, max_length: int | None) -> int:
     """The eval length of this audit: the one earlier audits used, which an explicit value must match."""
     if max_length is not None:
         whole_number(max_length, "max length (tokens per eval text)", 2, example=DEFAULT_MAX_LENGTH)
-    earlier = [a.summary["max_length"] for a in reg.search_audits() if "max_length" in a.summary]
-    if not earlier:
+    latest = reg.get_latest_audit()  # one row, not every audit's summary
+    earlier = latest.summary.get("max_length") if latest else None
+    if latest is not None and earlier is None:  # a stopped audit records none: the newest that did
+        earlier = next((a.summary["max_length"] for a in reversed(reg.search_audits()) if "max_length" in a.summary),
+                       None)
+    if earlier is None:
         return max_length or DEFAULT_MAX_LENGTH
-    if max_length is not None and max_length != earlier[-1]:
-        raise BadInputError(f"--max-length {max_length} differs from the {earlier[-1]} tokens earlier audits of this "
-                            f"workspace measured with; audit with --max-length {earlier[-1]} (figures at other "
+    if max_length is not None and max_length != earlier:
+        raise BadInputError(f"--max-length {max_length} differs from the {earlier} tokens earlier audits of this "
+                            f"workspace measured with; audit with --max-length {earlier} (figures at other "
                             f"lengths are not comparable)")
-    return earlier[-1]
+    return earlier
 
 
 def _failed_audit(ws, order, problems, max_forgetting, out_dir, t0) -> AuditResult:
@@ -892,12 +916,14 @@ def _integrity(ws, plan: _Plan, stored: _StoredFigures, matrices) -> list[str]:
         if info.base_fingerprint != base_fp:
             problems.append(f"{ref} was trained on base {info.base_fingerprint[:23]}…, the workspace base is "
                             f"{base_fp[:23]}…")
+    by_domain: dict[str, list[dict]] = {}  # grouped once: one pass, not one per domain
+    for (_, dom), m in stored.own_rows.items():
+        by_domain.setdefault(dom, []).append(m)
     for j, d in enumerate(plan.order):
         # the same version's loss on its own eval set, recorded by an earlier audit, must reproduce
         ref, now = stage.own.get(d), matrices["own"][L][j]
-        for (_, dom), m in stored.own_rows.items():
-            if dom == d and ref is not None and m["ref"] == ref and now is not None \
-                    and abs(m["value"] - now) > OUTPUT_TOLERANCE:
+        for m in by_domain.get(d, ()):
+            if ref is not None and m["ref"] == ref and now is not None and abs(m["value"] - now) > OUTPUT_TOLERANCE:
                 problems.append(f"{ref}'s loss on its own eval set changed since audit {m['audit_id']}: "
                                 f"{m['value']:.6f} -> {now:.6f}")
                 break
@@ -915,10 +941,13 @@ def heatmap_figure(result: AuditResult):
     from matplotlib.figure import Figure
 
     n, L = len(result.domains), len(result.domains) - 1
+    first = max(0, n - HEATMAP_MAX)  # thousands of domains: the newest HEATMAP_MAX rows and columns
+    names = result.domains[first:]
     base = result.matrices["base"][L]
     systems = [s for s in result.matrices if s != "base"]
-    deltas = {s: [[float("nan") if v is None else v - base[j] for j, v in enumerate(row)]
-                  for row in result.matrices[s]] for s in systems}
+    deltas = {s: [[float("nan") if v is None else v - base[j] for j, v in enumerate(row[first:], first)]
+                  for row in result.matrices[s][first:]] for s in systems}
+    n = len(names)
     largest = max((abs(v) for R in deltas.values() for row in R for v in row if not math.isnan(v)), default=0.0)
     norm = Normalize(vmin=-max(largest, 1e-6), vmax=max(largest, 1e-6))  # one scale for every panel
     fig = Figure(figsize=(3.2 * len(systems) + 1.2, 3.6), layout="constrained")
@@ -930,8 +959,8 @@ def heatmap_figure(result: AuditResult):
         ax.set_title(s, fontsize=9)
         if n > HEATMAP_LABELS:  # hundreds of domains: the colours only (labels would take minutes)
             continue
-        ax.set_xticks(range(n), result.domains, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(n), [f"after {d}" for d in result.domains], fontsize=7)
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), [f"after {d}" for d in names], fontsize=7)
         for i in range(n):
             for j in range(n):
                 v = deltas[s][i][j]
@@ -939,8 +968,9 @@ def heatmap_figure(result: AuditResult):
                     ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=6,
                             color="w" if abs(v) > 0.6 * largest else "k")
     fig.colorbar(image, ax=list(axes), fraction=0.046, label="loss - base loss (nats)")
+    newest = f" (the newest {n} of {len(result.domains)} domains)" if first else ""
     fig.suptitle("mean token loss relative to the base model, R[i][j] - base_j: after adding domain i (rows), on "
-                 "domain j (columns); below 0 (blue) = better than the base; grey = not measured", fontsize=8)
+                 f"domain j (columns){newest}; below 0 (blue) = better than the base; grey = not measured", fontsize=8)
     return fig
 
 

@@ -65,7 +65,7 @@ class Served:
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "domain": self.domain, "adapters": self.adapters}
         if self.scores is not None:
-            d["scores"], d["confidence"] = self.scores, self.confidence
+            d["scores"], d["confidence"] = dict(self.scores), self.confidence
         return d
 
 

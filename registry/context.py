@@ -155,7 +155,7 @@ class RegistryContext:
         dname = s.get(Domain, adapter.domain_id).name
         if adapter.kind != kind or dname != domain:
             raise ConflictError(f"adapter {adapter.name!r} is a {adapter.kind} adapter of domain {dname!r}; a {kind} "
-                                f"version for domain {domain!r} needs another name (--name)")
+                                f"version for domain {domain!r} needs another adapter name")
 
     @staticmethod
     def _lock_version(s: Session, version_id: int) -> AdapterVersion:

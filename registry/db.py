@@ -196,7 +196,7 @@ def translate_db_errors(engine: Engine) -> Iterator[None]:
         if "not a database" in text or "malformed" in text or "file is encrypted" in text:
             raise BadInputError(
                 f"the registry database {engine.url.render_as_string(hide_password=True)} is not a readable "
-                f"database ({text}); restore it from a backup or point --db at another URL") from None
+                f"database ({text}); restore it from a backup or use another database URL") from None
         if "unable to open database" in text or "could not connect" in text or "Connection refused" in text:
             raise BadInputError(
                 f"cannot open the registry database {engine.url.render_as_string(hide_password=True)} ({text}); "

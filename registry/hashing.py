@@ -28,7 +28,7 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash"
                          "quantization_config", "use_cache", "output_attentions", "output_hidden_states"}
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, st: os.stat_result | None = None) -> str:
     """The hex sha256 of one file, read in 1 MiB chunks; an unchanged file is read once.
 
     The digest is kept (in memory and in `hash_cache_path()`) under the file's path, size,
@@ -37,7 +37,7 @@ def sha256_file(path: Path) -> str:
     not kept (timestamps tick coarsely: a write in the same tick as the hash would keep the
     old stamp), as git does with its racily clean index entries.
     """
-    key = _stat_key(Path(path))
+    key = _stat_key(Path(path), st)
     digest = _MEMO.get(key) or _cache_get(key)
     if digest is None:
         h = hashlib.sha256()
@@ -46,11 +46,11 @@ def sha256_file(path: Path) -> str:
                 h.update(chunk)
         digest = h.hexdigest()
         HASH_STATS["hashed"] += 1
-        if time.time_ns() - max(key[3], key[4]) > RACY_NS:
+        if time.time_ns() - max(key[2], key[3]) > RACY_NS:  # mtime, ctime
             _cache_put(key, digest)
     else:
         HASH_STATS["cached"] += 1
-    if time.time_ns() - max(key[3], key[4]) > RACY_NS:
+    if time.time_ns() - max(key[2], key[3]) > RACY_NS:  # mtime, ctime
         _MEMO[key] = digest
     return digest
 
@@ -79,8 +79,10 @@ def clear_memory_cache() -> None:
         _DB.clear()
 
 
-def _stat_key(path: Path) -> tuple:
-    st = os.stat(path)
+def _stat_key(path: Path, st: os.stat_result | None = None) -> tuple:
+    """(absolute path, size, mtime_ns, ctime_ns, inode): a digest is reused only under the same key;
+    `st` is the file's stat when the caller already has it."""
+    st = st if st is not None else os.stat(path)
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
@@ -129,25 +131,42 @@ def _cache_put(key: tuple, digest: str) -> None:
 
 def list_tree(root: Path) -> list[Path]:
     """Every regular file under `root`, sorted; refuses links and other special files."""
-    files = []
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            raise BadInputError(f"{p} is a symbolic link: artifacts may hold regular files only")
-        if p.is_file():
-            files.append(p)
-        elif not p.is_dir() and p.exists():  # (one that vanished while listing: a concurrent gc)
-            raise BadInputError(f"{p} is not a regular file: artifacts may hold regular files only")
-    return files
+    return [p for p, _ in _walk(Path(root))]
+
+
+def _walk(root: Path) -> list[tuple[Path, os.stat_result]]:
+    """(path, stat) of every regular file under `root`, sorted by path; one directory read per
+    folder (the entry types come with it) and one stat per file, for audits that check
+    thousands of folders. Refuses links and other special files."""
+    files: list[tuple[Path, os.stat_result]] = []
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):  # (vanished while listing: a concurrent gc)
+            continue
+        for e in entries:
+            if e.is_symlink():
+                raise BadInputError(f"{e.path} is a symbolic link: artifacts may hold regular files only")
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file(follow_symlinks=False):
+                try:
+                    files.append((Path(e.path), e.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+            else:
+                raise BadInputError(f"{e.path} is not a regular file: artifacts may hold regular files only")
+    return sorted(files, key=lambda f: f[0])
 
 
 def tree_digest(root: Path) -> tuple[str, int]:
     """The manifest digest and total byte size of the folder `root`."""
     manifest = hashlib.sha256()
     total = 0
-    for p in list_tree(root):
-        size = p.stat().st_size
-        total += size
-        manifest.update(f"{p.relative_to(root).as_posix()}\0{size}\0{sha256_file(p)}\n".encode())
+    for p, st in _walk(Path(root)):
+        total += st.st_size
+        manifest.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{sha256_file(p, st)}\n".encode())
     return manifest.hexdigest(), total
 
 

@@ -13,8 +13,8 @@ from sqlmodel import Session, select
 from registry.context import RegistryContext, _with_write_retries
 from registry.entities import RouterInfo
 from registry.errors import NotFoundError, StaleRouterError
-from registry.models import RouterVersion
-from registry.names import validate_name
+from registry.models import Adapter, AdapterVersion, RouterVersion
+from registry.names import parse_ref, validate_name
 
 
 class Routers(RegistryContext):
@@ -37,9 +37,7 @@ class Routers(RegistryContext):
         validate_name(name, "router name")
         validate_name(kind, "router kind")
         covers = list(covers)
-        with self._session() as s:
-            for ref in covers:
-                self._resolve_row(s, ref)
+        self._check_refs_exist(covers)
         stored = self.store.put(files)
 
         def tx():
@@ -61,6 +59,19 @@ class Routers(RegistryContext):
                 return self._router_info(row)
 
         return _with_write_retries(tx)
+
+    def _check_refs_exist(self, refs: list[str]) -> None:
+        """Every ref resolves (NotFoundError names the first that does not); the exact ones, a
+        router's usual covers, are checked in one query, not one per domain."""
+        parsed = [parse_ref(ref) for ref in refs]
+        with self._session() as s:
+            names = sorted({r.name for r in parsed if r.version is not None})
+            found = set(s.exec(select(Adapter.name, AdapterVersion.version)
+                               .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+                               .where(Adapter.name.in_(names))).all()) if names else set()
+            for r in parsed:
+                if r.version is None or (r.name, r.version) not in found:
+                    self._resolve_row(s, r)  # an alias or a latest: resolve it; a missing ref: its usual error
 
     @staticmethod
     def _router_info(row: RouterVersion) -> RouterInfo:

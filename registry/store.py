@@ -68,11 +68,15 @@ class ArtifactStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._resolved_root: Path | None = None
 
     def path(self, location: str) -> Path:
         """The absolute path of a stored artifact; refuses locations outside the store."""
-        p = (self.root / location).resolve()
-        if not p.is_relative_to(self.root.resolve()) or p == self.root.resolve():
+        if self._resolved_root is None:  # resolved once: audits ask for thousands of paths
+            self._resolved_root = self.root.resolve()
+        root = self._resolved_root
+        p = (root / location).resolve()
+        if not p.is_relative_to(root) or p == root:
             raise IntegrityError(f"artifact location {location!r} points outside the store {self.root}")
         return p
 

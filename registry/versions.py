@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, insert
 from sqlmodel import Session, select
 
 from registry.context import RELATIONS, RegistryContext, _validate_filters, _with_write_retries
 from registry.entities import AdapterSummary, VersionInfo
 from registry.errors import BadInputError, ConflictError, RefusedError
-from registry.models import Adapter, AdapterVersion, Alias, Domain, Lineage, Metric
+from registry.models import Adapter, AdapterVersion, Alias, Domain, Lineage, Metric, utcnow
 from registry.names import validate_name
 from registry.store import _fault
 
@@ -77,6 +77,18 @@ class Versions(RegistryContext):
         if mirror:
             self._mirror_queued()
         return info
+
+    def check_line(self, name: str, kind: str, domain: str) -> None:
+        """Refuse a version of adapter `name` of another kind or domain than the adapter's, before
+        any work is done for it (`register_version` checks again when it registers).
+
+        Raises:
+            ConflictError: `name` is an adapter of another kind or domain.
+        """
+        with self._session() as s:
+            existing = s.exec(select(Adapter).where(Adapter.name == name)).first()
+            if existing is not None:
+                self._check_line(s, existing, kind, domain)
 
     def _check_new_version(self, name: str, domain: str, kind: str, base_fingerprint: str,
                            parents: Sequence[tuple], base_relation: str) -> None:
@@ -292,21 +304,27 @@ class Versions(RegistryContext):
                 for r in rows:
                     if r["ref"] not in ids:
                         ids[r["ref"]] = self._resolve_row(s, r["ref"])[1].id
-                    s.add(Metric(version_id=ids[r["ref"]], eval_domain=r["eval_domain"], name=r["name"],
-                                 value=float(r["value"]), audit_id=audit_id, stage=r.get("stage")))
+                if rows:  # one executemany, not one ORM object a figure (thousands per audit at scale)
+                    now = utcnow()
+                    s.connection().execute(insert(Metric.__table__), [
+                        {"version_id": ids[r["ref"]], "eval_domain": r["eval_domain"], "name": r["name"],
+                         "value": float(r["value"]), "audit_id": audit_id, "stage": r.get("stage"), "created_at": now}
+                        for r in rows])
 
         _with_write_retries(tx)
 
     def search_audit_metrics(self, name_prefix: str = "") -> list[dict[str, Any]]:
         """Every audit figure whose name starts with `name_prefix`, oldest first."""
         with self._session() as s:
-            q = select(Metric, AdapterVersion.version, Adapter.name).join(
+            # columns, not Metric objects: an audit at scale reads tens of thousands of figures
+            q = select(Metric.name, Metric.value, Metric.eval_domain, Metric.audit_id, Metric.stage,
+                       AdapterVersion.version, Adapter.name).join(
                 AdapterVersion, AdapterVersion.id == Metric.version_id).join(
                 Adapter, Adapter.id == AdapterVersion.adapter_id).where(Metric.audit_id.is_not(None))
             if name_prefix:
                 q = q.where(Metric.name.startswith(name_prefix))
-            return [{"ref": f"{a}:{v}", "name": m.name, "value": m.value, "eval_domain": m.eval_domain,
-                     "audit_id": m.audit_id, "stage": m.stage} for m, v, a in s.exec(q.order_by(Metric.id)).all()]
+            return [{"ref": f"{a}:{v}", "name": name, "value": value, "eval_domain": dom, "audit_id": aid, "stage": st}
+                    for name, value, dom, aid, st, v, a in s.exec(q.order_by(Metric.id)).all()]
 
     def get_metrics(self, ref: str, audit_id: int | None = None) -> list[dict[str, Any]]:
         """Every metric of a version, oldest first."""

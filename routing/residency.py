@@ -227,9 +227,9 @@ class Residency:
 
     def _full_message(self, name: str) -> str:
         pinned = sum(1 for n in self._order if n in self._pins)
-        why = f" ({pinned} of them pinned by --preload or the router)" if pinned else ""
+        why = f" ({pinned} of them pinned: preloaded adapters or the router's)" if pinned else ""
         return (f"cannot load adapter {name!r}: all {self.max_adapters} adapter slots are in use by running "
-                f"requests{why}; raise --max-adapters (now {self.max_adapters}) or retry when they finish")
+                f"requests{why}; raise the adapter limit (now {self.max_adapters}) or retry when they finish")
 
     @contextmanager
     def loading(self, name: str) -> Iterator[None]:

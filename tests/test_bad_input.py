@@ -163,7 +163,7 @@ def test_duplicate_names_and_conflicts(bad_ws, capsys, tiny_loras):
     lora = tiny_loras[3]
     check_refusals(capsys, bad_ws, [
         (["registry", "import", lora, "--name", "legal", "--domain", "med"],
-         "adapter 'legal' is a lora adapter of domain 'law'; a lora version for domain 'med' needs another name"),
+         "adapter 'legal' is a lora adapter of domain 'law'; a lora version for domain 'med' needs another adapter name (--name)"),
         (["registry", "import", lora, "--name", "legal-q", "--domain", "law"],  # another kind, same name
          "adapter 'legal-q' is a qlora adapter of domain 'law'; a lora version"),
         (["registry", "archive", "legal:1"], "legal:1 is the target of alias(es) production"),

@@ -95,3 +95,28 @@ def test_train_each_kind_on_smollm2_through_the_cli(tmp_path, capsys, monkeypatc
         assert v.base_fingerprint == ws.base_fingerprint and v.config["base_quantized"] == (kind == "qlora")
         assert {m["name"] for m in ws.registry.get_metrics(s["ref"])} == METRICS
     assert [r.name for r in ws.registry.search_adapters()] == ["fin-bottleneck", "fin-lora", "fin-qlora"]
+
+
+@pytest.mark.parametrize("lower,cli", [
+    ("give the step count (2) or the epoch count (1.0), not both", "give --steps (2) or --epochs (1.0), not both"),
+    ("batch size 3 does not split across 2 processes: use a multiple of 2 (e.g. a batch size of 4)",
+     "batch size 3 does not split across 2 processes: use a multiple of 2 (e.g. --batch-size 4)"),
+    ("x:1 is a lora adapter; warm-start it as adapter kind lora (or give no adapter kind)",
+     "x:1 is a lora adapter; warm-start it with --method lora (or leave --method out)"),
+    ("a warm start keeps the shape of x:1; give no rank or kind options (or train a fresh adapter: init base)",
+     "a warm start keeps the shape of x:1; leave out --rank and --option (or train a fresh adapter: --init base)"),
+    ("merge method linear needs adapters of one rank, got ranks [4, 8]; use merge method cat or ties",
+     "--merge linear needs adapters of one rank, got ranks [4, 8]; use --merge cat or --merge ties"),
+    ("no checkpoint to resume in /c; start afresh (do not resume)", "no checkpoint to resume in /c; start afresh (drop --resume)"),
+    ("a lora version for domain 'med' needs another adapter name",
+     "a lora version for domain 'med' needs another adapter name (--name)"),
+    ("not a readable database (x); restore it from a backup or use another database URL",
+     "not a readable database (x); restore it from a backup or use another database URL (--db)"),
+    ("unknown merge method 'soup': use one of cat, ties, linear", "unknown merge method 'soup': use one of cat, ties, linear"),
+    ("plait init --init base", "plait init --init base"),  # a flag already named is left alone
+])
+def test_lower_layers_name_settings_and_the_cli_names_the_flag(lower, cli):
+    """registry/ and training/ name values and facts; the CLI spells the flag (`with_flags`)."""
+    from plait.commands._common import with_flags
+
+    assert with_flags(lower) == cli

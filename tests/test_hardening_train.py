@@ -223,7 +223,7 @@ def test_a_second_run_of_the_same_adapter_is_refused_while_the_first_runs(crash_
         out, err = capsys.readouterr()
         assert code == 2 and out == ""
         assert err == (f"error: adapter 'law' is being trained by another run, which holds its checkpoints in "
-                       f"{ws / 'checkpoints' / 'law'}; wait for that run to finish, or train under another --name\n")
+                       f"{ws / 'checkpoints' / 'law'}; wait for that run to finish, or train under another adapter name (--name)\n")
         assert {p.relative_to(slot): p.read_bytes() for p in slot.rglob("*") if p.is_file()} == before
     finally:
         first.kill()  # SIGKILL: the kernel drops its lock

@@ -121,8 +121,8 @@ def test_preloaded_and_aliased_adapters_are_never_evicted(ws, tiny_loras):
     with pytest.raises(AdapterSlotsFullError) as e:  # both slots pinned: nothing else fits
         rm.ensure_adapter("a2")
     assert str(e.value) == ("cannot load adapter 'a2:1': all 2 adapter slots are in use by running requests "
-                            "(2 of them pinned by --preload or the router); raise --max-adapters (now 2) or retry "
-                            "when they finish")
+                            "(2 of them pinned: preloaded adapters or the router's); raise the adapter limit (now 2) "
+                            "or retry when they finish")
     rm = routed(ws, max_adapters=3, preload=["a0@stable"])
     for i in range(1, N_VERSIONS):  # a flood of other adapters
         rm.ensure_adapter(f"a{i}")

@@ -232,9 +232,9 @@ def test_warm_start_records_lineage_and_starts_lower(reg, data, tiny_base):
     assert frozen == [{"text": r.text} for r in load_domain_data(data["a"]).eval]
     with pytest.raises(BadInputError, match=r"adapter 'apples' is a lora adapter of domain 'apples'; a bottleneck"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", steps=1))
-    with pytest.raises(BadInputError, match=r"a warm start keeps the shape of apples:1; leave out --rank"):
+    with pytest.raises(BadInputError, match=r"a warm start keeps the shape of apples:1; give no rank or kind options"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(from_ref="apples:1", rank=4))
-    with pytest.raises(BadInputError, match="apples:1 is a lora adapter; warm-start it with --method lora"):
+    with pytest.raises(BadInputError, match="apples:1 is a lora adapter; warm-start it as adapter kind lora"):
         train_domain(reg, tiny_base, "apples", data["a"], config=TrainConfig(method="bottleneck", from_ref="apples:1"))
 
 
@@ -298,7 +298,7 @@ def test_only_the_adapter_may_train(tiny_base):
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"steps": 5, "epochs": 1}, "give --steps (5) or --epochs (1), not both"),
+    ({"steps": 5, "epochs": 1}, "give the step count (5) or the epoch count (1), not both"),
     ({"steps": 0}, "steps 0 is invalid: use a whole number >= 1"),
     ({"dtype": "fp16"}, "dtype 'fp16' is invalid: use auto, fp32 or bf16"),
     ({"method": "prefix"}, "unknown adapter kind 'prefix': use one of bottleneck, dora, lora, qlora"),

@@ -191,7 +191,7 @@ def checkpoint_lock(folder: Path, name: str) -> Iterator[None]:
         except BlockingIOError:
             os.close(fd)
             raise ConflictError(f"adapter {name!r} is being trained by another run, which holds its checkpoints in "
-                                f"{folder}; wait for that run to finish, or train under another --name") from None
+                                f"{folder}; wait for that run to finish, or train under another adapter name") from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -228,7 +228,7 @@ def read_checkpoint_state(checkpoint: Path) -> dict:
     """The trainer state of one checkpoint folder (e.g. the one `latest_checkpoint` found)."""
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise NotFoundError(f"no checkpoint to resume in {checkpoint}; run without --resume to start afresh")
+        raise NotFoundError(f"no checkpoint to resume in {checkpoint}; start afresh (do not resume)")
     return json.loads(path.read_text())
 
 
@@ -252,5 +252,5 @@ def checkpoint_to_resume(ckpt: Path) -> tuple[Path, dict]:
     """The newest complete checkpoint of the slot `ckpt` (a crash mid-replacement leaves one) and its state."""
     found = latest_checkpoint(ckpt)
     if found is None:
-        raise NotFoundError(f"no checkpoint to resume in {ckpt}; run without --resume to start afresh")
+        raise NotFoundError(f"no checkpoint to resume in {ckpt}; start afresh (do not resume)")
     return found, read_checkpoint_state(found)

@@ -54,7 +54,7 @@ class DataParallel:
         if batch_size % self.world_size:
             fit = max(self.world_size, round(batch_size / self.world_size) * self.world_size)
             raise BadInputError(f"batch size {batch_size} does not split across {self.world_size} processes: "
-                                f"use a multiple of {self.world_size} (e.g. --batch-size {fit})")
+                                f"use a multiple of {self.world_size} (e.g. a batch size of {fit})")
 
     def shard(self, batch: list) -> list:
         """This rank's contiguous share of a global batch (may be empty for a short last batch)."""

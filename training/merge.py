@@ -93,8 +93,8 @@ def merge_loras(model, folders: Sequence[str | Path], weights: Sequence[float], 
     if method == "linear":
         ranks = {f: json.loads((f / "adapter_config.json").read_text()).get("r") for f in folders}
         if len(set(ranks.values())) > 1:
-            raise BadInputError(f"--merge linear needs adapters of one rank, got ranks "
-                                f"{sorted(set(ranks.values()))}; use --merge cat or --merge ties")
+            raise BadInputError(f"merge method linear needs adapters of one rank, got ranks "
+                                f"{sorted(set(ranks.values()))}; use merge method cat or ties")
     names = [f"a{i}" for i in range(len(folders))]
     pm = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
     for name, folder in zip(names[1:], folders[1:]):

@@ -121,7 +121,7 @@ class TrainConfig:
         if self.name is not None:
             validate_name(self.name, "adapter name")
         if self.steps is not None and self.epochs is not None:
-            raise BadInputError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+            raise BadInputError(f"give the step count ({self.steps}) or the epoch count ({self.epochs}), not both")
         for what, value in (("steps", self.steps), ("batch size", self.batch_size), ("max length", self.max_length),
                             ("rank", self.rank)):
             if value is not None:
@@ -437,10 +437,7 @@ class DomainRecipe:
         kind, self.warm = explicit_start(registry, cfg)
         self.kind = kind
         self.method = get_method(kind)
-        for v in registry.search_versions(name=name, include_archived=True)[:1]:  # fail before training, not after
-            if (v.kind, v.domain) != (kind, domain):
-                raise ConflictError(f"adapter {name!r} is a {v.kind} adapter of domain {v.domain!r}; a {kind} version "
-                                    f"for domain {domain!r} needs another name (--name)")
+        registry.check_line(name, kind, domain)  # fail before training, not after
         self.dtype = resolve_dtype(cfg.dtype, announce=cfg.progress and self.main)  # measured: training.precision
         self.lr = cfg.lr or self.method.default_lr
         self.settings = self.method.read_config(self.warm[1]) if self.warm \
@@ -544,9 +541,9 @@ class DomainRecipe:
                           if run_key.get(k) != state["run_key"].get(k))
             if not diff:
                 raise BadInputError(f"the checkpoint in {ckpt} was made on other data or another base; resume with "
-                                    f"the same data and base, or drop --resume")
+                                    f"the same data and base, or start afresh (do not resume)")
             raise BadInputError(f"the checkpoint in {ckpt} is from a run with other {diff[0]} "
-                                f"({state['run_key'].get(diff[0])!r}); resume with the same options, or drop --resume")
+                                f"({state['run_key'].get(diff[0])!r}); resume with the same options, or start afresh (do not resume)")
 
     def _setup_optimizer(self) -> None:
         """The kind's optimizer over the adapter, restored from the checkpoint on resume; ranks start alike."""

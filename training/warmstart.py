@@ -152,11 +152,11 @@ def explicit_start(registry, cfg) -> tuple[str, tuple[Any, Path] | None]:
     info, path = registry.artifact_path(cfg.from_ref)
     kind = cfg.method or info.kind
     if info.kind not in get_method(kind).seeds_from:
-        raise BadInputError(f"{info.ref} is a {info.kind} adapter; warm-start it with --method {info.kind} "
-                            f"(or leave --method out)")
+        raise BadInputError(f"{info.ref} is a {info.kind} adapter; warm-start it as adapter kind {info.kind} "
+                            f"(or give no adapter kind)")
     if cfg.rank is not None or cfg.method_options:
-        raise BadInputError(f"a warm start keeps the shape of {info.ref}; leave out --rank and --option "
-                            f"(or train a fresh adapter without --from)")
+        raise BadInputError(f"a warm start keeps the shape of {info.ref}; give no rank or kind options "
+                            f"(or train a fresh adapter: init base)")
     return kind, (info, path)
 
 

@@ -23,17 +23,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 SETTING_FLAGS = [("init", "--init", "--init"), ("from_ref", "--from", "--from"),
                  ("an eval file", "an eval file (--eval)", "--eval"),
                  ("the max length", "the max length (--max-length)", "--max-length"),
-                 ("LoRA rank", "LoRA rank (--rank)", "--rank"), ("bottleneck size", "bottleneck size (--rank)", "--rank")]
+                 ("LoRA rank", "LoRA rank (--rank)", "--rank"), ("bottleneck size", "bottleneck size (--rank)", "--rank"),
+                 ("another adapter name", "another adapter name (--name)", "--name"),
+                 ("another database URL", "another database URL (--db)", "--db"),
+                 ("do not resume", "drop --resume", "--resume"),
+                 ("a batch size of", "--batch-size", "--batch-size"),
+                 ("merge method linear needs", "--merge linear needs", "--merge"),
+                 ("use merge method cat or ties", "use --merge cat or --merge ties", "--merge"),
+                 ("the step count", "--steps", "--steps"), ("the epoch count", "--epochs", "--epochs"),
+                 ("as adapter kind", "with --method", "--method"), ("give no adapter kind", "leave --method out", "--method"),
+                 ("use adapter kind", "use --method", "--method"),
+                 ("give no rank or kind options", "leave out --rank and --option", "--rank"),
+                 ("the adapter limit", "--max-adapters", "--max-adapters"),
+                 ("preloaded adapters", "adapters given to --preload", "--preload")]
 
 
 def with_flags(message: str) -> str:
     """`message` as the CLI prints it: each setting it names (a whole word, not already a flag)
     spelled as its flag, e.g. "init base and from_ref law:1 disagree" -> "--init base and --from
-    law:1 disagree". A flag the message already names is left alone."""
+    law:1 disagree". A flag the lower layer's message already names is left alone."""
     import re
 
+    named = {flag for _, _, flag in SETTING_FLAGS if flag in message}
     for name, spelling, flag in SETTING_FLAGS:
-        if flag not in message:
+        if flag not in named:
             # never inside a word or a flag, nor the command `plait init`
             message = re.sub(rf"(?<![-\w])(?<!plait ){re.escape(name)}(?![-\w])", spelling, message)
     return message

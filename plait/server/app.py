@@ -181,8 +181,8 @@ class _Routes:
         except Exception as e:  # noqa: BLE001
             raise self.error(e, request) from None
         return {"object": "list", "data": [{"index": i, "domain": s.domain, "adapters": s.adapters,
-                                            "scores": s.scores, "confidence": s.confidence}
-                                           for i, s in enumerate(served)]}
+                                            "scores": None if s.scores is None else dict(s.scores),
+                                            "confidence": s.confidence} for i, s in enumerate(served)]}
 
     def render_metrics(self) -> str:
         """The `/metrics` text (call off the event loop: residency figures may wait for a batch)."""

@@ -117,7 +117,10 @@ def api_error(exc: BaseException, request_id: str | None = None, roots: tuple[st
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, AdapterSlotsFullError):  # every slot is held by a running request: retry later
-        return APIError(503, scrub(str(exc), roots), type_="server_error", param="model", code="adapter_slots_full")
+        from plait.commands._common import with_flags  # the operator's fix is a `plait serve` flag
+
+        return APIError(503, scrub(with_flags(str(exc)), roots), type_="server_error", param="model",
+                        code="adapter_slots_full")
     if isinstance(exc, NotFoundError):
         return APIError(400, scrub(str(exc), roots), param="model", code="model_not_found")
     if isinstance(exc, BadInputError):

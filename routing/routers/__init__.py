@@ -79,6 +79,34 @@ class AdapterWeight:
     weight: float
 
 
+class DomainScores(Mapping):
+    """Every domain's probability for one input (domain -> float), made into a dict only when
+    read: with thousands of domains, most decisions (an audit's thousands of rows) are never
+    asked for their scores, and building each dict cost more than routing the row."""
+
+    __slots__ = ("_domains", "_row", "_dict")
+
+    def __init__(self, domains: tuple[str, ...], row):
+        self._domains, self._row, self._dict = domains, row, None
+
+    def _items(self) -> dict[str, float]:
+        if self._dict is None:
+            self._dict = dict(zip(self._domains, self._row.tolist()))
+        return self._dict
+
+    def __getitem__(self, domain: str) -> float:
+        return self._items()[domain]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+    def __repr__(self) -> str:
+        return repr(self._items())
+
+
 @dataclass(frozen=True)
 class RouteDecision:
     """How one input is served.
@@ -92,7 +120,7 @@ class RouteDecision:
 
     domain: str | None
     adapters: list[AdapterWeight]
-    scores: dict[str, float]
+    scores: Mapping[str, float]
     confidence: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,12 +332,13 @@ class RouterCore:
             raise BadInputError(f"top_k={top_k!r} is out of range: use 1..{len(self.domains)} "
                                 f"(the router has {len(self.domains)} domains)")
         probs, conf = self.scored(texts)
-        return [self._decide(row, top_k, float(c)) for row, c in zip(probs, conf)]
+        names = tuple(self.domains)
+        return [self._decide(names, row, top_k, float(c)) for row, c in zip(probs, conf)]
 
-    def _decide(self, row, top_k: int, confidence: float) -> RouteDecision:
+    def _decide(self, names: tuple[str, ...], row, top_k: int, confidence: float) -> RouteDecision:
         import torch
 
-        scores = {d: float(p) for d, p in zip(self.domains, row.tolist())}
+        scores = DomainScores(names, row)
         vals, idx = torch.topk(row, top_k)
         if confidence < self.threshold:
             return RouteDecision(None, [], scores, confidence)

@@ -90,7 +90,7 @@ def attach(model, settings: QLoraSettings):
 
     if not getattr(model, "is_loaded_in_4bit", False):
         raise BadInputError("a qlora adapter needs a 4-bit base: load it with load_base(..., quantize_4bit=True), "
-                            "or use --method lora on a full-precision base")
+                            "or use adapter kind lora on a full-precision base")
     guard_cpu_4bit(model)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=settings.gradient_checkpointing,
