@@ -6,6 +6,7 @@ of stored data exit 1. `--debug` (or PLAIT_DEBUG=1) shows the full traceback ins
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -108,6 +109,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+@functools.cache
+def _command():
+    """The click command typer builds from `app`, built once per process (not once per `main`
+    call: tests, benchmarks and notebooks call `main` many times in one process)."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     from registry.errors import PlaitError
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         quiet_libraries()
     try:
-        result = app(args=argv, prog_name="plait", standalone_mode=False)
+        result = _command()(args=argv, prog_name="plait", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except PlaitError as e:
         if debug:

@@ -59,9 +59,9 @@ class AdapterSummary:
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["created_at"] = self.created_at.isoformat()
-        return d
+        # by hand, not `asdict` (a deep copy of every field): `plait registry list` makes thousands
+        return {"name": self.name, "domain": self.domain, "kind": self.kind, "versions": self.versions,
+                "latest": self.latest, "aliases": dict(self.aliases), "created_at": self.created_at.isoformat()}
 
 
 @dataclass

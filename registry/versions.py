@@ -204,13 +204,15 @@ class Versions(RegistryContext):
         """One summary per adapter (version count, newest version, aliases), by name."""
         _validate_filters(domain=domain, kind=kind)
         with self._session() as s:
-            q = select(Adapter, Domain.name).join(Domain, Domain.id == Adapter.domain_id)
+            # columns, not Adapter objects: thousands of adapters at scale
+            q = select(Adapter.id, Adapter.name, Adapter.kind, Adapter.created_at, Domain.name) \
+                .join(Domain, Domain.id == Adapter.domain_id)
             if domain:
                 q = q.where(Domain.name == domain)
             if kind:
                 q = q.where(Adapter.kind == kind)
             rows = s.exec(q.order_by(Adapter.name)).all()
-            ids = [a.id for a, _ in rows]
+            ids = [aid for aid, *_ in rows]
             counts = {aid: (n, top) for aid, n, top in s.exec(
                 select(AdapterVersion.adapter_id, func.count(), func.max(AdapterVersion.version))
                 .where(AdapterVersion.status == "ready").group_by(AdapterVersion.adapter_id)).all()}
@@ -218,8 +220,8 @@ class Versions(RegistryContext):
             for aid, alias, version in s.exec(select(Alias.adapter_id, Alias.name, AdapterVersion.version)
                                               .join(AdapterVersion, AdapterVersion.id == Alias.version_id)).all():
                 aliases.setdefault(aid, {})[alias] = version
-            return [AdapterSummary(a.name, dname, a.kind, *counts.get(a.id, (0, None)), aliases.get(a.id, {}),
-                                   a.created_at) for a, dname in rows]
+            return [AdapterSummary(name, dname, akind, *counts.get(aid, (0, None)), aliases.get(aid, {}), created)
+                    for aid, name, akind, created, dname in rows]
 
     # ----------------------------------------------------------------- lineage
     def get_lineage(self, ref: str, direction: str = "both") -> dict[str, Any]:
