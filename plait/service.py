@@ -130,8 +130,7 @@ class RoutedModel:
     def _default_max_adapters(self) -> int:
         from routing.residency import default_max_adapters
 
-        sizes = [v.size_bytes for v in self.registry.search_versions()]
-        return default_max_adapters(max(sizes, default=0))
+        return default_max_adapters(self.registry.largest_version_bytes())
 
     def residency_stats(self) -> dict[str, Any]:
         """Residency counters: hits, misses, loads, evictions, load_seconds, resident, max_adapters,

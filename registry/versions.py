@@ -181,9 +181,10 @@ class Versions(RegistryContext):
         if len(rows) <= 1:
             return [self._info(s, a, v) for a, v in rows]
         ids = [v.id for _, v in rows]
-        domains = {d.id: d.name for d in s.exec(select(Domain)).all()}
-        names = {v.id: f"{a.name}:{v.version}" for a, v in s.exec(
-            select(Adapter, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()}
+        domains = dict(s.exec(select(Domain.id, Domain.name)).all())
+        names = {vid: f"{name}:{version}" for vid, name, version in s.exec(  # columns: no ORM object a version
+            select(AdapterVersion.id, Adapter.name, AdapterVersion.version)
+            .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)).all()}
         parents: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
         for edge in s.exec(select(Lineage).where(Lineage.child_id.in_(ids)).order_by(Lineage.id)).all():
             parents[edge.child_id].append(
@@ -199,6 +200,11 @@ class Versions(RegistryContext):
             size_bytes=v.size_bytes, location=v.location, data_fingerprint=v.data_fingerprint,
             mlflow_run_id=v.mlflow_run_id, status=v.status, description=v.description,
             created_at=v.created_at, parents=parents[v.id], aliases=sorted(aliases[v.id])) for a, v in rows]
+
+    def largest_version_bytes(self) -> int:
+        """The artifact size of the largest ready version (0 when there is none)."""
+        with self._session() as s:
+            return s.exec(select(func.max(AdapterVersion.size_bytes)).where(AdapterVersion.status == "ready")).one() or 0
 
     def search_adapters(self, domain: str | None = None, kind: str | None = None) -> list[AdapterSummary]:
         """One summary per adapter (version count, newest version, aliases), by name."""
