@@ -63,13 +63,13 @@ def precision_train(args, rows: list[dict]) -> dict:
     """tokens/s of the trainer's step loop at fp32, bf16 and auto (medians of interleaved short runs)."""
     from training.base import load_base
     from training.data import load_domain_data, tokenize_rows
-    from training.methods import get_method
+    from training.methods import get_kind
     from training.trainer import resolve_dtype, train_steps
 
     data = Path(tempfile.mkdtemp()) / "bbc-business.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = load_base("smollm2")
-    method = get_method("lora")
+    method = get_kind("lora")
     model = method.attach(base.model, method.make_config(r=8, alpha=16, target_modules=TARGETS))
     examples = tokenize_rows(load_domain_data(str(data), eval_fraction=0.1).train, base.tokenizer, args.max_length)
     opt = method.make_optimizer([p for p in model.parameters() if p.requires_grad], 2e-4)
@@ -238,14 +238,14 @@ def run_cuda(args) -> dict:
     import torch
 
     from training.data import batch_at, collate, load_domain_data, tokenize_rows
-    from training.methods import get_method
+    from training.methods import get_kind
     from training.trainer import train_steps
 
     out = {}
     for kind in ("lora", "qlora"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        method = get_method(kind)
+        method = get_kind(kind)
         settings = method.make_config(r=8, alpha=16, target_modules=TARGETS)
         if kind == "lora":
             from training.base import load_base

@@ -408,7 +408,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         baselines: any of ("sequential", "merged", "joint").
         merge: how the merged baseline merges: cat, ties or linear (`training.merge`).
         baseline_lr: the learning rate of every trained baseline (sequential, joint); None = the
-            LoRA default (`get_method("lora").default_lr`).
+            LoRA default (`get_kind("lora").default_lr`).
         max_forgetting: the gate's threshold on own/routed forgetting, in nats.
         out_dir: where report.md, audit.json and the heatmaps go (default: workspace/audits/<id>).
         max_length: tokens per eval text; None = the length earlier audits of this workspace
@@ -447,7 +447,7 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
 
 def _check_options(baselines, merge: str, max_forgetting: float, baseline_lr: float | None) -> float:
     """Refuse bad options before anything is measured; returns the baselines' learning rate."""
-    from training.methods import get_method
+    from training.methods import get_kind
 
     for b in baselines:
         if b not in BASELINES:
@@ -458,8 +458,8 @@ def _check_options(baselines, merge: str, max_forgetting: float, baseline_lr: fl
     if baseline_lr is not None and (isinstance(baseline_lr, bool) or not isinstance(baseline_lr, (int, float))
                                     or not 0 < baseline_lr < 1):
         raise BadInputError(f"baseline_lr {baseline_lr!r} is invalid: use a number between 0 and 1, or None for "
-                            f"the LoRA default ({get_method('lora').default_lr})")
-    return float(baseline_lr) if baseline_lr is not None else get_method("lora").default_lr
+                            f"the LoRA default ({get_kind('lora').default_lr})")
+    return float(baseline_lr) if baseline_lr is not None else get_kind("lora").default_lr
 
 
 def _audit_order(reg, domains: list[str] | None) -> tuple[list[str], list[str]]:
@@ -883,7 +883,7 @@ def _merged_version(ws, aud, loras, weights, method, log) -> str:
 def _merged_note(entry: dict[str, Any], method: str) -> str:
     """One line saying what the merged baseline is at a stage."""
     head = f"after {entry['domain']} (stage {entry['stage'] + 1}): "
-    # the refs left out, grouped by their kind (a version of any kind whose Method is not mergeable)
+    # the refs left out, grouped by their kind (a version of any kind whose Kind is not mergeable)
     kinds = entry.get("skipped_kinds") or dict.fromkeys(entry["skipped_bottleneck"], "bottleneck")
     groups: dict[str, list[str]] = {}
     for ref in entry["skipped_bottleneck"]:

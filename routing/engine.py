@@ -2,7 +2,7 @@
 
 `CompositionEngine` holds ONE copy of a causal LM (full precision, or 4-bit NF4 through
 bitsandbytes, chosen at construction) and loads any number of adapters of every registered
-kind (`training.methods.METHODS`) onto it at once. Every batch row carries its own `Routing`:
+kind (`training.methods.KINDS`) onto it at once. Every batch row carries its own `Routing`:
 the base alone, one adapter, or a weighted top-k blend of adapters, and one forward pass
 serves them all.
 
@@ -65,7 +65,7 @@ from torch import nn
 
 from registry.errors import BadInputError, ConflictError, NotFoundError
 from routing.residency import Residency
-from training.methods import detect_kind, get_method, kind_names, read_adapter_config
+from training.methods import detect_kind, get_kind, kind_names, read_adapter_config
 from training.methods._stacking import KindRouting, SiteRegistry, Stacker
 
 RoutingLike = Any  # Routing | str | None | Mapping[str, float] | Sequence[tuple[str, float]]
@@ -156,7 +156,7 @@ class AdapterInfo:
     """One adapter loaded on the engine."""
 
     name: str
-    kind: str  # a registered adapter kind (training.methods.METHODS)
+    kind: str  # a registered adapter kind (training.methods.KINDS)
     path: Path
     slot: int  # index in the stacks of its serving family
     modules: list[str]  # module paths the adapter touches
@@ -165,7 +165,7 @@ class AdapterInfo:
     @property
     def family(self) -> str:
         """The serving family whose stacker holds this adapter (e.g. lora for lora and qlora)."""
-        return get_method(self.kind).family
+        return get_kind(self.kind).family
 
 
 def _kinds() -> tuple[str, ...]:
@@ -304,7 +304,7 @@ class CompositionEngine:
         if not weights_path.is_file():
             raise NotFoundError(f"{weights_path} is missing; an adapter folder needs adapter_config.json and "
                                 f"adapter_model.safetensors")
-        method = self._method(name, folder, config, kind)
+        adapter_kind = self._adapter_kind(name, folder, config, kind)
         from safetensors.torch import load_file
 
         tensors = load_file(str(weights_path), device="cpu")
@@ -312,26 +312,26 @@ class CompositionEngine:
             if name in self._adapters:  # loaded by another thread while the files were read
                 raise ConflictError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first "
                                     f"or pick another name")
-            stacker = self._stacker(method)
+            stacker = self._stacker(adapter_kind)
             self.residency.make_room(name)  # evicts (or refuses) before the new adapter's slot exists
             slot = stacker.n_slots
             modules = stacker.add(name, config, tensors)
-            info = AdapterInfo(name, method.name, folder, slot, modules, config)
+            info = AdapterInfo(name, adapter_kind.name, folder, slot, modules, config)
             self._adapters[name] = info
             self.residency.added(name)
         return info
 
-    def _method(self, name: str, folder: Path, config: dict, kind: str | None):
+    def _adapter_kind(self, name: str, folder: Path, config: dict, kind: str | None):
         """The kind to load `config` as: `kind` when its files are what the folder holds."""
         detected = detect_kind(config)
         if detected is None:
             raise BadInputError(f"{folder / 'adapter_config.json'} is not an adapter of a known kind; the engine "
                                 f"serves {', '.join(_kinds())}")
-        method = get_method(detected if kind is None else self._known_kind(kind))
-        if method.artifact_kind != detected:
+        adapter_kind = get_kind(detected if kind is None else self._known_kind(kind))
+        if adapter_kind.artifact_kind != detected:
             raise BadInputError(f"adapter {name!r} was given kind {kind!r} but {folder / 'adapter_config.json'} "
                                 f"holds a {detected} adapter; pass kind={detected!r} or None")
-        return method
+        return adapter_kind
 
     @staticmethod
     def _known_kind(kind: str) -> str:
@@ -339,11 +339,11 @@ class CompositionEngine:
             raise BadInputError(f"unknown adapter kind {kind!r}; use one of {', '.join(_kinds())}")
         return kind
 
-    def _stacker(self, method) -> Stacker:
-        """The stacker of `method`'s serving family, made on first use."""
-        stacker = self._stackers.get(method.family)
+    def _stacker(self, adapter_kind) -> Stacker:
+        """The stacker of `adapter_kind`'s serving family, made on first use."""
+        stacker = self._stackers.get(adapter_kind.family)
         if stacker is None:
-            stacker = self._stackers[method.family] = method.make_stacker(self._sites)
+            stacker = self._stackers[adapter_kind.family] = adapter_kind.make_stacker(self._sites)
         return stacker
 
     @property

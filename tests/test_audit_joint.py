@@ -40,7 +40,7 @@ def joint(tmp_path_factory):
 
 
 def test_joint_baseline_trains_the_chains_total_steps_at_the_lora_default_rate(joint):
-    from training.methods import get_method
+    from training.methods import get_kind
 
     ws, first, _ = joint
     reg = ws.registry
@@ -52,7 +52,7 @@ def test_joint_baseline_trains_the_chains_total_steps_at_the_lora_default_rate(j
     # one learning rate for every baseline: the LoRA default, not the domains' 3e-3 (nor a
     # bottleneck's 1e-3)
     assert reg.get_version("law:1").config["lr"] == LR and reg.get_version("cats:1").config["lr"] == LR
-    assert {v.config["lr"] for v in [*links, j]} == {get_method("lora").default_lr} == {2e-4}
+    assert {v.config["lr"] for v in [*links, j]} == {get_kind("lora").default_lr} == {2e-4}
     # the union of the three domains' stored training rows
     n_rows = sum(len(reg.get_domain_rows(d, "train")) for d in STEPS)
     assert j.config["data"]["train_rows"] == n_rows == first.baselines["joint"]["rows"]

@@ -164,9 +164,9 @@ def test_dora_merge_is_refused(world, tmp_path):
 def test_gradients_reach_every_dora_tensor_and_save_load_roundtrip(world, tmp_path):
     from peft import PeftModel
 
-    from training.methods import get_method
+    from training.methods import get_kind
 
-    method = get_method("dora")
+    method = get_kind("dora")
     settings = method.make_config(r=4, target_modules=["q_proj", "v_proj"])
     before = {k: v.clone() for k, v in world["base"].state_dict().items()}
     model = method.attach(copy.deepcopy(world["base"]), settings)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from training.data import IGNORE_INDEX
 from training.loss import CHUNK_ELEMENTS, fused_token_loss_sum, split_causal_lm
-from training.methods import get_method
+from training.methods import get_kind
 from training.trainer import token_loss_sum
 
-KINDS = [("lora", {}), ("qlora", {}), ("bottleneck", {"placement": "houlsby", "reduction_factor": 4})]
+KIND_CASES = [("lora", {}), ("qlora", {}), ("bottleneck", {"placement": "houlsby", "reduction_factor": 4})]
 
 
 def batch() -> dict:
@@ -39,7 +39,7 @@ def plain_loss_sum(model, b, dtype=None):
 
 
 def adapted(tiny_base, kind, options):
-    method = get_method(kind)
+    method = get_kind(kind)
     settings = method.make_config(**options)
     base = method.load_base(tiny_base, settings)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def grads_of(model, loss) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind,options", KINDS, ids=[k for k, _ in KINDS])
+@pytest.mark.parametrize("kind,options", KIND_CASES, ids=[k for k, _ in KIND_CASES])
 def test_fused_loss_and_gradients_equal_the_plain_path(tiny_base, kind, options):
     model = adapted(tiny_base, kind, options)
     parts = split_causal_lm(model)

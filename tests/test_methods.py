@@ -11,13 +11,13 @@ import torch
 
 from registry.errors import BadInputError, NotFoundError
 from training.data import Example
-from training.methods import METHODS, count_trainable, get_method
+from training.methods import KINDS, count_trainable, get_kind
 from training.methods.bottleneck import BottleneckSettings
 from training.methods.lora import LoraSettings
 from training.methods.qlora import QLoraSettings
 from training.trainer import GradientError, evaluate, train_steps
 
-KINDS = [("lora", {}), ("qlora", {}), ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 4}),
+KIND_CASES = [("lora", {}), ("qlora", {}), ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 4}),
          ("bottleneck", {"placement": "houlsby", "reduction_factor": 4}), ("dora", {})]
 IDS = ["lora", "qlora", "pfeiffer", "houlsby", "dora"]
 X = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -48,7 +48,7 @@ def logits(model, x=X) -> torch.Tensor:
 
 
 def fresh(tiny_base, kind, options):
-    method = get_method(kind)
+    method = get_kind(kind)
     settings = method.make_config(**options)
     return method, settings, method.load_base(tiny_base, settings)
 
@@ -66,7 +66,7 @@ def trained(tiny_base, kind, options, steps: int = 8, lr: float | None = None):
     return method, model, before, base_out, losses
 
 
-@pytest.mark.parametrize("kind,options", KINDS, ids=IDS)
+@pytest.mark.parametrize("kind,options", KIND_CASES, ids=IDS)
 def test_fresh_adapter_is_the_identity(tiny_base, kind, options):
     method, settings, base = fresh(tiny_base, kind, options)
     base_out = logits(base.model)
@@ -77,7 +77,7 @@ def test_fresh_adapter_is_the_identity(tiny_base, kind, options):
     assert count_trainable(model) == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("kind,options", KINDS, ids=IDS)
+@pytest.mark.parametrize("kind,options", KIND_CASES, ids=IDS)
 def test_training_learns_with_a_gradient_everywhere_and_a_frozen_base(tiny_base, kind, options):
     method, model, before, base_out, losses = trained(tiny_base, kind, options)
     assert losses[-1] < losses[0] - 0.25, losses
@@ -99,7 +99,7 @@ def test_training_learns_with_a_gradient_everywhere_and_a_frozen_base(tiny_base,
         assert torch.equal(logits(model), base_out)
 
 
-@pytest.mark.parametrize("kind,options", KINDS, ids=IDS)
+@pytest.mark.parametrize("kind,options", KIND_CASES, ids=IDS)
 def test_save_then_load_reproduces_outputs_exactly(tiny_base, kind, options, tmp_path):
     method, model, _, _, _ = trained(tiny_base, kind, options, steps=3)
     out = logits(model)
@@ -183,7 +183,7 @@ def test_qlora_trains_after_an_eval_mode_no_grad_evaluation(tiny_base):
     assert base.quantized and getattr(base.model, "is_loaded_in_4bit", False)
     torch.manual_seed(0)
     model = method.attach(base.model, settings)
-    ev = evaluate(model, examples(4), pad_id=0, method=method)  # eval mode, torch.no_grad
+    ev = evaluate(model, examples(4), pad_id=0, adapter_kind=method)  # eval mode, torch.no_grad
     assert _packed_layers(model) == 0
     opt = method.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-2)
     losses, _, _ = train_steps(model, method, opt, examples(), start=0, total=8, batch_size=4, seed=0, pad_id=0)
@@ -194,7 +194,7 @@ def test_qlora_trains_after_an_eval_mode_no_grad_evaluation(tiny_base):
     assert len(lora) == 2 * 7 * 2  # A and B on 7 projections in 2 layers
     for name, p in lora:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert evaluate(model, examples(4), pad_id=0, method=method)["loss"] < ev["loss"] - 0.5
+    assert evaluate(model, examples(4), pad_id=0, adapter_kind=method)["loss"] < ev["loss"] - 0.5
 
 
 def test_qlora_guard_undoes_a_repack_and_the_trainer_catches_a_missing_gradient(tiny_base):
@@ -216,7 +216,7 @@ def test_qlora_guard_undoes_a_repack_and_the_trainer_catches_a_missing_gradient(
     assert _packed_layers(model) == 14
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(GradientError, match=r"received no gradient \(8 in all\)"):
-        train_steps(model, get_method("lora"), opt, examples(), start=0, total=3, batch_size=4, seed=0, pad_id=0)
+        train_steps(model, get_kind("lora"), opt, examples(), start=0, total=3, batch_size=4, seed=0, pad_id=0)
     with pytest.warns(UserWarning, match="14 4-bit layers had been repacked"):
         assert guard_cpu_4bit(model) == 14
     assert _packed_layers(model) == 0
@@ -227,9 +227,9 @@ def test_qlora_guard_undoes_a_repack_and_the_trainer_catches_a_missing_gradient(
 
 def test_qlora_needs_a_4bit_base(tiny_base):
     method, settings, _ = fresh(tiny_base, "lora", {})
-    base = get_method("lora").load_base(tiny_base)
+    base = get_kind("lora").load_base(tiny_base)
     with pytest.raises(BadInputError, match="a qlora adapter needs a 4-bit base"):
-        get_method("qlora").attach(base.model, QLoraSettings())
+        get_kind("qlora").attach(base.model, QLoraSettings())
 
 
 def test_bert_style_defaults():
@@ -245,7 +245,7 @@ def test_bert_style_defaults():
     bert.eval()
     with torch.no_grad():
         ref = bert(input_ids=x).last_hidden_state
-    model = get_method("bottleneck").attach(bert, BottleneckSettings(placement="houlsby"))
+    model = get_kind("bottleneck").attach(bert, BottleneckSettings(placement="houlsby"))
     assert model.adapter_config["layers_path"] == "encoder.layer"
     assert model.adapter_config["sites"] == {"attn": "attention.output", "mlp": "output"}
     with torch.no_grad():
@@ -255,11 +255,11 @@ def test_bert_style_defaults():
 def test_registry_of_kinds():
     pkg = Path(__import__("training.methods", fromlist=["x"]).__file__).parent
     modules = {p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_")}
-    assert set(METHODS) == modules == {"lora", "qlora", "bottleneck", "dora"}
+    assert set(KINDS) == modules == {"lora", "qlora", "bottleneck", "dora"}
     init = (pkg / "__init__.py").read_text()
     assert "import lora" not in init and "from training.methods.lora" not in init  # kinds register themselves
     with pytest.raises(NotFoundError) as e:
-        get_method("prefix")
+        get_kind("prefix")
     assert str(e.value) == "unknown adapter kind 'prefix': use one of bottleneck, dora, lora, qlora"
 
 
@@ -274,7 +274,7 @@ def test_registry_of_kinds():
      "bottleneck reduction factor 0 is invalid: use a whole number >= 1 (e.g. 16)"),
     (lambda: BottleneckSettings(non_linearity="swish"),
      "bottleneck non-linearity 'swish' is invalid: use one of relu, gelu, silu, tanh"),
-    (lambda: get_method("lora").make_config(rank=4),
+    (lambda: get_kind("lora").make_config(rank=4),
      "lora adapters have no option 'rank'; their options are: alpha, dropout, r, target_modules"),
 ])
 def test_bad_configs_say_what_and_how_to_fix(make, message):
@@ -293,7 +293,7 @@ def test_missing_modules_are_named(tiny_base):
     with pytest.raises(BadInputError, match="has no module 'transformer.blocks' holding its blocks"):
         method.attach(base.model, BottleneckSettings(layers_path="transformer.blocks"))
     with pytest.raises(BadInputError, match="LoRA target module 'c_attn' does not exist in LlamaForCausalLM"):
-        get_method("lora").attach(base.model, LoraSettings(target_modules=["c_attn"]))
+        get_kind("lora").attach(base.model, LoraSettings(target_modules=["c_attn"]))
 
 
 def test_artifact_match_rules_and_detection_without_importing_the_kinds():
@@ -312,5 +312,5 @@ def test_artifact_match_rules_and_detection_without_importing_the_kinds():
     assert detect_kind({"plait_adapter": "bottleneck"}) == "bottleneck"
     assert detect_kind({"peft_type": "IA3"}) is None
     assert _declared("qlora") == {"ARTIFACT_KIND": "lora"}  # writes lora's files: never detected as qlora
-    for name, method in METHODS.items():  # the literal read from the source is what the module holds
+    for name, method in KINDS.items():  # the literal read from the source is what the module holds
         assert _declared(name).get("ARTIFACT_MATCH") == getattr(method.module, "ARTIFACT_MATCH", None)

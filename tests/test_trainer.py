@@ -12,7 +12,7 @@ from tests.train_helpers import write_jsonl
 from registry.client import Registry
 from registry.errors import BadInputError, IncompatibleBaseError, NotFoundError
 from training.data import load_domain_data
-from training.methods import get_method
+from training.methods import get_kind
 from training.trainer import (TrainConfig, check_only_adapter_trainable, fast_bf16, resolve_dtype, train_domain)
 
 METRICS = {"eval_loss", "eval_perplexity", "base_eval_loss", "train_tokens_per_s", "peak_rss_mb", "trainable_params"}
@@ -48,7 +48,7 @@ def cfg(kind: str, options: dict, lr: float, **kw) -> TrainConfig:
 def outputs_of(reg: Registry, ref: str, tiny_base) -> torch.Tensor:
     """Load a registered version onto a fresh base (through the registry's verified path) and run it."""
     info, path = reg.artifact_path(ref)
-    method = get_method(info.kind)
+    method = get_kind(info.kind)
     settings = method.read_config(path)
     model = method.load(method.load_base(tiny_base, settings).model, path)
     model.eval()
@@ -79,7 +79,7 @@ def test_train_register_and_leave_earlier_domains_untouched(reg, data, tiny_base
     assert sorted(artifact_bytes(reg, "apples:1")) == ["adapter_config.json", "adapter_model.safetensors"]
 
     # the base is bit-identical to a fresh load after training
-    fresh = get_method(kind).load_base(tiny_base, get_method(kind).make_config(**options)).model
+    fresh = get_kind(kind).load_base(tiny_base, get_kind(kind).make_config(**options)).model
     trained_base = a.model.base if kind == "bottleneck" else a.model.get_base_model()
     names = {n.replace(".base_layer", ""): p for n, p in trained_base.named_parameters() if "lora_" not in n}
     for n, p in fresh.named_parameters():
@@ -283,7 +283,7 @@ def test_prompt_completion_data_trains(reg, tmp_path, tiny_base):
 
 
 def test_only_the_adapter_may_train(tiny_base):
-    method = get_method("lora")
+    method = get_kind("lora")
     base = method.load_base(tiny_base)
     before = dict(base.model.named_parameters())
     model = method.attach(base.model, method.make_config())

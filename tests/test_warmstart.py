@@ -19,7 +19,7 @@ from plait.cli import main
 from registry.client import Registry
 from registry.errors import BadInputError
 from tests.train_helpers import write_jsonl
-from training.methods import get_method
+from training.methods import get_kind
 from training.trainer import TrainConfig, train_domain
 from training.warmstart import (BASELINE_DOMAIN, MAX_SAMPLE_TOKENS, SAMPLE_SHARE, SCORE_SHARE, find_candidates,
                                 sample_examples, score_candidates)
@@ -113,7 +113,7 @@ def test_auto_starts_fresh_when_no_candidate_beats_the_base(reg, base, tmp_path)
 
 
 def _bottleneck_artifact(base: Path, out: Path) -> Path:
-    method = get_method("bottleneck")
+    method = get_kind("bottleneck")
     model = method.attach(method.load_base(base).model, method.make_config(reduction_factor=4))
     return method.save(model, out)
 
@@ -135,7 +135,7 @@ def test_candidates_are_newest_real_versions_of_a_kind_that_can_seed(reg, base, 
     reg.register_version("bn", domain="fruit", kind="bottleneck", files=bneck, base_fingerprint=fp)
 
     def refs(kind: str, given: dict | None = None) -> list[str]:
-        return [info.ref for info, _ in find_candidates(reg, get_method(kind), fp, given or {})]
+        return [info.ref for info, _ in find_candidates(reg, get_kind(kind), fp, given or {})]
 
     # newest first; only the newest version of an adapter; never a baseline, archived, import or other base
     assert refs("lora") == ["four:1", "fruit:2"]
@@ -148,7 +148,7 @@ def test_candidates_are_newest_real_versions_of_a_kind_that_can_seed(reg, base, 
 
 def _noisy_bottleneck(base: Path, out: Path, seed: int) -> Path:
     """A bottleneck artifact whose weights all differ from their init (a fresh one leaves outputs unchanged)."""
-    method = get_method("bottleneck")
+    method = get_kind("bottleneck")
     model = method.attach(method.load_base(base).model, method.make_config(reduction_factor=4))
     torch.manual_seed(seed)
     for p in model.parameters():
@@ -173,7 +173,7 @@ def test_stacked_scores_equal_the_one_at_a_time_scores(reg, tiny_base, tiny_lora
         for i in range(2):
             reg.register_version(f"b{i}", domain=f"b{i}", kind="bottleneck", base_fingerprint=fp,
                                  files=_noisy_bottleneck(tiny_base, tmp_path / f"bn{i}", seed=i))
-    method = get_method(kind)
+    method = get_kind(kind)
     candidates = find_candidates(reg, method, fp, {})
     model = method.load_base(tiny_base).model
     before = {k: v.clone() for k, v in model.state_dict().items()}

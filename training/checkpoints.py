@@ -27,7 +27,7 @@ from registry.hashing import sha256_file
 from registry.names import validate_name
 from registry.store import _fault, _fsync_path  # the store's crash-test hook and fsync, shared
 from training.distributed import data_parallel
-from training.methods import Method
+from training.methods import Kind
 
 STATE_FILE = "trainer_state.json"
 
@@ -84,7 +84,7 @@ def _manifest(root: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int, losses: list[float],
+def save_checkpoint(folder: Path, *, model, adapter_kind: Kind, optimizer, step: int, losses: list[float],
                     tokens: int, seconds: float, run_key: dict, base_fingerprint: str, data_fingerprint: str) -> None:
     """Write a checkpoint so that a crash at any moment leaves a complete one to resume from.
 
@@ -101,7 +101,7 @@ def save_checkpoint(folder: Path, *, model, method: Method, optimizer, step: int
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    method.save(model, tmp / "adapter")
+    adapter_kind.save(model, tmp / "adapter")
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     _fault("checkpoint.write")

@@ -11,7 +11,7 @@ import contextlib
 import math
 
 from training.data import IGNORE_INDEX, collate, iter_eval_batches
-from training.methods import Method
+from training.methods import Kind
 
 
 # ----------------------------------------------------------------------------- precision
@@ -76,7 +76,7 @@ def token_loss_sum(model, batch: dict, dtype: str, device: str):
 
 
 def evaluate(model, examples, *, pad_id: int, batch_size: int = 8, dtype: str = "fp32",
-             method: Method | None = None) -> dict[str, float]:
+             adapter_kind: Kind | None = None) -> dict[str, float]:
     """Mean token loss and perplexity of `model` on `examples` (no grad, eval mode).
 
     Returns:
@@ -86,8 +86,8 @@ def evaluate(model, examples, *, pad_id: int, batch_size: int = 8, dtype: str = 
 
     was_training = model.training
     model.eval()
-    if method is not None:
-        method.prepare_for_eval(model)
+    if adapter_kind is not None:
+        adapter_kind.prepare_for_eval(model)
     device = _device(model)
     total, count = 0.0, 0
     with torch.no_grad():

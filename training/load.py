@@ -14,7 +14,7 @@ from typing import Any
 
 from training.base import LoadedBase, check_compatible
 from training.data import DEFAULT_MAX_LENGTH, Row, load_domain_data, read_rows, tokenize_rows
-from training.methods import get_method
+from training.methods import get_kind
 from training.evaluation import evaluate, resolve_dtype
 
 
@@ -37,11 +37,11 @@ def load_version(registry, ref: str, base: str | os.PathLike | LoadedBase, *, tr
         IntegrityError: the artifact's files do not match the registry, or lack tensors.
     """
     info, path = registry.artifact_path(ref)
-    method = get_method(info.kind)
-    settings = method.read_config(path)
-    loaded = base if isinstance(base, LoadedBase) else method.load_base(base, settings)
+    adapter_kind = get_kind(info.kind)
+    settings = adapter_kind.read_config(path)
+    loaded = base if isinstance(base, LoadedBase) else adapter_kind.load_base(base, settings)
     check_compatible(info.base_fingerprint, loaded.fingerprint, f"adapter {info.ref}")
-    model = method.load(loaded.model, Path(path), trainable=trainable)
+    model = adapter_kind.load(loaded.model, Path(path), trainable=trainable)
     model.eval()
     return model, info, loaded
 
@@ -59,7 +59,7 @@ def eval_loss(model, tokenizer, data: str | os.PathLike | list[Row], *, max_leng
     examples = tokenize_rows(rows, tokenizer, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return evaluate(model, examples, pad_id=pad, batch_size=batch_size, dtype=resolve_dtype(dtype),
-                    method=get_method(kind) if kind else None)
+                    adapter_kind=get_kind(kind) if kind else None)
 
 
 def eval_split(data: str | os.PathLike, eval_data: str | os.PathLike | None = None,

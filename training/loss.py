@@ -36,10 +36,10 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats = 64 MB, whatever the v
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers causal LM under the adapter kinds' wrappers (each kind's `unwrap`)."""
-    from training.methods import METHODS
+    from training.methods import KINDS
 
     for _ in range(4):  # peft -> bottleneck -> ... never nests deeper
-        inner = next((m for m in (meth.unwrap(model) for meth in METHODS.values()) if m is not None), None)
+        inner = next((m for m in (meth.unwrap(model) for meth in KINDS.values()) if m is not None), None)
         if inner is None:
             break
         model = inner

@@ -52,11 +52,11 @@ def check_method(method: str) -> None:
 
 def _check_mergeable(folders: Sequence[Path]) -> None:
     """Refuse folders of a kind peft's weighted merge does not handle (the kind's MERGEABLE)."""
-    from training.methods import detect_folder, get_method, mergeable_kinds
+    from training.methods import detect_folder, get_kind, mergeable_kinds
 
     for folder in folders:
         kind = detect_folder(folder)
-        if not get_method(kind).mergeable:
+        if not get_kind(kind).mergeable:
             raise BadInputError(f"{folder} holds a {kind} adapter, which cannot be merged; merge adapters of the "
                                 f"kinds {', '.join(mergeable_kinds())}")
 

@@ -40,7 +40,7 @@ from training.data import (DEFAULT_MAX_LENGTH, VALIDATION_FRACTION, DomainData, 
                            load_domain_data, steps_per_epoch, tokenize_rows)
 from training.distributed import DataParallel, data_parallel
 from training.evaluation import _device, evaluate, fast_bf16, resolve_dtype, token_loss_sum
-from training.methods import Method, count_trainable, get_method
+from training.methods import Kind, count_trainable, get_kind
 from training.replay import REPLAY_SHARE, check_share, covers_after, replay_count, replay_rows
 from training.warmstart import AUTO, BASE, InitChoice, check_init, explicit_start, given_options, start_from
 
@@ -117,7 +117,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.method is not None:
-            get_method(self.method)
+            get_kind(self.method)
         if self.name is not None:
             validate_name(self.name, "adapter name")
         if self.steps is not None and self.epochs is not None:
@@ -212,7 +212,7 @@ def _progress(enabled: bool, total: int, start: int):
     return progress, task
 
 
-def train_steps(model, method: Method, optimizer, examples, *, start: int, total: int, batch_size: int,
+def train_steps(model, adapter_kind: Kind, optimizer, examples, *, start: int, total: int, batch_size: int,
                 seed: int, pad_id: int, dtype: str = "fp32", grad_clip: float | None = 1.0,
                 on_step: Callable[[int, float], None] | None = None,
                 checkpoint: Callable[[int, list[float], int, float], None] | None = None,
@@ -245,7 +245,7 @@ def train_steps(model, method: Method, optimizer, examples, *, start: int, total
     losses: list[float] = []
     tokens, seconds = 0, 0.0
     model.train()
-    method.prepare_for_training(model)
+    adapter_kind.prepare_for_training(model)
     bar, task = _progress(progress, total, start)
     with bar:
         for step in range(start, total):
@@ -436,12 +436,12 @@ class DomainRecipe:
         self.main = self.parallel is None or self.parallel.is_main
         kind, self.warm = explicit_start(registry, cfg)
         self.kind = kind
-        self.method = get_method(kind)
+        self.adapter_kind = get_kind(kind)
         registry.check_line(name, kind, domain)  # fail before training, not after
         self.dtype = resolve_dtype(cfg.dtype, announce=cfg.progress and self.main)  # measured: training.precision
-        self.lr = cfg.lr or self.method.default_lr
-        self.settings = self.method.read_config(self.warm[1]) if self.warm \
-            else self.method.make_config(**given_options(cfg, kind))
+        self.lr = cfg.lr or self.adapter_kind.default_lr
+        self.settings = self.adapter_kind.read_config(self.warm[1]) if self.warm \
+            else self.adapter_kind.make_config(**given_options(cfg, kind))
 
     def _setup_data(self) -> None:
         """The domain's rows; a retrain keeps its frozen eval and validation sets and never trains on their rows."""
@@ -455,7 +455,7 @@ class DomainRecipe:
         import torch
 
         compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        self.loaded = self.method.load_base(self.base, self.settings, compute_dtype=compute)
+        self.loaded = self.adapter_kind.load_base(self.base, self.settings, compute_dtype=compute)
         self._tokenize()
         self._choose_start()
         base_params = _base_state(self.loaded.model)
@@ -482,10 +482,10 @@ class DomainRecipe:
         cfg = self.cfg
         self.ckpt = checkpoint_folder(self.registry, self.name, self.checkpoint_dir)  # held (`holding_checkpoint_lock`)
         self.found, self.state = checkpoint_to_resume(self.ckpt) if cfg.resume else (None, None)
-        self.choice, self.warm = start_from(self.registry, cfg, self.method, self.loaded, self.train_ex, self.warm,
-                                            self.state, total_steps=self.total, pad_id=self.pad_id,
+        self.choice, self.warm = start_from(self.registry, cfg, self.adapter_kind, self.loaded, self.train_ex,
+                                            self.warm, self.state, total_steps=self.total, pad_id=self.pad_id,
                                             batch_size=self.eval_bs)
-        self.settings = self.method.read_config(self.warm[1]) if self.warm else self.settings
+        self.settings = self.adapter_kind.read_config(self.warm[1]) if self.warm else self.settings
         self._setup_replay()
         run_key = {**cfg.run_key(), "method": self.kind, "lr": self.lr, "dtype": self.dtype, "domain": self.domain,
                    "base": str(self.base), "init_choice": self.choice.to_dict()}
@@ -524,13 +524,13 @@ class DomainRecipe:
 
     def _attach(self):
         """The model with its adapter: the checkpoint's (resume), the warm start's, or a fresh one."""
-        method, base_model = self.method, self.loaded.model
+        adapter_kind, base_model = self.adapter_kind, self.loaded.model
         if self.cfg.resume:
             self._check_resumable()
-            return method.load(base_model, self.found / "adapter", trainable=True)
+            return adapter_kind.load(base_model, self.found / "adapter", trainable=True)
         if self.warm:
-            return method.load(base_model, self.warm[1], trainable=True)
-        return method.attach(base_model, self.settings)
+            return adapter_kind.load(base_model, self.warm[1], trainable=True)
+        return adapter_kind.attach(base_model, self.settings)
 
     def _check_resumable(self) -> None:
         """The checkpoint is of this run: the same options, data and base."""
@@ -548,7 +548,7 @@ class DomainRecipe:
     def _setup_optimizer(self) -> None:
         """The kind's optimizer over the adapter, restored from the checkpoint on resume; ranks start alike."""
         cfg, model = self.cfg, self.model
-        self.optimizer = self.method.make_optimizer([p for p in model.parameters() if p.requires_grad], self.lr,
+        self.optimizer = self.adapter_kind.make_optimizer([p for p in model.parameters() if p.requires_grad], self.lr,
                                                     cfg.weight_decay)
         self.start, self.prior_losses, self.prior_tokens, self.prior_seconds = 0, [], 0, 0.0
         if cfg.resume:
@@ -560,7 +560,8 @@ class DomainRecipe:
 
     # ------------------------------------------------------------------------- train
     def _checkpoint(self, step: int, losses: list[float], tokens: int, seconds: float) -> None:
-        save_checkpoint(self.ckpt, model=self.model, method=self.method, optimizer=self.optimizer, step=step,
+        save_checkpoint(self.ckpt, model=self.model, adapter_kind=self.adapter_kind, optimizer=self.optimizer,
+                        step=step,
                         losses=self.prior_losses + losses, tokens=self.prior_tokens + tokens,
                         seconds=self.prior_seconds + seconds, run_key=self.run_key,
                         base_fingerprint=self.loaded.fingerprint, data_fingerprint=self.dd.fingerprint)
@@ -569,7 +570,8 @@ class DomainRecipe:
         """The optimizer steps (`train_steps`), checkpointing on rank 0; adds this run's to any resumed figures."""
         cfg = self.cfg
         losses, tokens, seconds = train_steps(
-            self.model, self.method, self.optimizer, self.train_ex + self.replay_ex, start=self.start, total=self.total,
+            self.model, self.adapter_kind, self.optimizer, self.train_ex + self.replay_ex, start=self.start,
+            total=self.total,
             batch_size=cfg.batch_size, seed=cfg.seed, pad_id=self.pad_id, dtype=self.dtype, grad_clip=cfg.grad_clip,
             on_step=self.on_step, checkpoint=self._checkpoint if self.main else None,
             checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and self.main, parallel=self.parallel)
@@ -584,11 +586,11 @@ class DomainRecipe:
         metrics = {"train_tokens_per_s": self.tokens_total / max(self.seconds_total, 1e-9),
                    "peak_rss_mb": peak_rss_mb(), "trainable_params": float(self.trainable_params)}
         if self.cfg.evaluate:
-            kw = dict(pad_id=self.pad_id, batch_size=self.eval_bs, dtype=self.dtype, method=self.method)
+            kw = dict(pad_id=self.pad_id, batch_size=self.eval_bs, dtype=self.dtype, adapter_kind=self.adapter_kind)
             after = evaluate(self.model, self.eval_ex, **kw)
             # the base's loss on the same split, through the same code path (adapter switched off),
             # after training: the frozen base gives the same figure either way
-            with self.method.disabled(self.model):
+            with self.adapter_kind.disabled(self.model):
                 base_eval = evaluate(self.model, self.eval_ex, **kw)
             metrics = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"],
                        "base_eval_loss": base_eval["loss"], **metrics}
@@ -624,7 +626,7 @@ class DomainRecipe:
                   "data_fingerprint": self.dd.fingerprint, "trainable_params": self.trainable_params,
                   **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in version_config.items()}}
         with tempfile.TemporaryDirectory(prefix="plait-adapter-") as tmp:
-            out = self.method.save(self.model, Path(tmp) / "adapter")
+            out = self.adapter_kind.save(self.model, Path(tmp) / "adapter")
             info = self.registry.register_version(  # first: nothing MLflow does can lose the trained adapter
                 self.name, domain=self.domain, kind=self.kind, files=out, base_fingerprint=self.loaded.fingerprint,
                 config=version_config, parents=parents, data_fingerprint=self.dd.fingerprint, metrics=metrics,

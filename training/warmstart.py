@@ -14,7 +14,7 @@ registered version (lineage edge `warm-start`), which stays untouched in the sto
 
 The candidates of `auto` are the newest ready version of every adapter of a real domain
 whose weights can initialise the new kind (each kind names the kinds it can start from in
-its module's `SEEDS_FROM`, read through `Method.seeds_from`: LoRA and QLoRA share the PEFT
+its module's `SEEDS_FROM`, read through `Kind.seeds_from`: LoRA and QLoRA share the PEFT
 layout and seed each other, a bottleneck starts from a bottleneck), trained on the same
 base. Never a baseline (domain `plait-baselines`), an archived or an imported version (an
 import is someone else's adapter: plait has no record of what it learned). The domain's own
@@ -45,7 +45,7 @@ from typing import Any
 
 from registry.errors import BadInputError
 from registry.names import BASELINE_DOMAIN, parse_ref  # noqa: F401 - BASELINE_DOMAIN: re-exported
-from training.methods import get_method
+from training.methods import get_kind
 
 AUTO, BASE = "auto", "base"
 #: the most candidates one `auto` pass scores (the newest versions first)
@@ -132,7 +132,7 @@ def given_options(cfg, kind: str) -> dict[str, Any]:
     """The kind options the user set, `--rank` included under the kind's own name."""
     options = dict(cfg.method_options)
     if cfg.rank is not None:
-        options.setdefault(get_method(kind).rank_option, cfg.rank)
+        options.setdefault(get_kind(kind).rank_option, cfg.rank)
     return options
 
 
@@ -151,7 +151,7 @@ def explicit_start(registry, cfg) -> tuple[str, tuple[Any, Path] | None]:
         return cfg.method or "lora", None
     info, path = registry.artifact_path(cfg.from_ref)
     kind = cfg.method or info.kind
-    if info.kind not in get_method(kind).seeds_from:
+    if info.kind not in get_kind(kind).seeds_from:
         raise BadInputError(f"{info.ref} is a {info.kind} adapter; warm-start it as adapter kind {info.kind} "
                             f"(or give no adapter kind)")
     if cfg.rank is not None or cfg.method_options:
@@ -160,7 +160,7 @@ def explicit_start(registry, cfg) -> tuple[str, tuple[Any, Path] | None]:
     return kind, (info, path)
 
 
-def start_from(registry, cfg, method, loaded, examples: list, warm: tuple[Any, Path] | None,
+def start_from(registry, cfg, adapter_kind, loaded, examples: list, warm: tuple[Any, Path] | None,
                resumed: dict | None, **score: Any) -> tuple[InitChoice, tuple[Any, Path] | None]:
     """The start of a run: a resumed run's recorded choice, the version given, fresh, or auto's pick.
 
@@ -185,7 +185,7 @@ def start_from(registry, cfg, method, loaded, examples: list, warm: tuple[Any, P
     elif cfg.init == BASE:
         choice = InitChoice(BASE)
     else:
-        choice = choose_init(registry, cfg, method, loaded, examples, **score)
+        choice = choose_init(registry, cfg, adapter_kind, loaded, examples, **score)
     if choice.ref is None:
         return choice, None
     if warm is None or warm[0].ref != choice.ref:
@@ -200,27 +200,27 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def find_candidates(registry, method, fingerprint: str, given: dict[str, Any]) -> list[tuple[Any, Path]]:
+def find_candidates(registry, adapter_kind, fingerprint: str, given: dict[str, Any]) -> list[tuple[Any, Path]]:
     """The versions `auto` scores: (VersionInfo, verified artifact folder), newest first.
 
     Args:
         registry: a `registry.client.Registry`.
-        method: the new adapter's kind (`training.methods.Method`).
+        adapter_kind: the new adapter's kind (`training.methods.Kind`).
         fingerprint: the loaded base's fingerprint (candidates must be trained on it).
         given: the kind options the user set (rank included); a candidate must match them all.
     """
     newest: dict[str, Any] = {}
     for v in registry.search_versions(base=fingerprint):  # ready versions only, by name then version
         newest[v.name] = v
-    wanted = method.make_config(**given) if given else None
+    wanted = adapter_kind.make_config(**given) if given else None
     found = []
     for v in sorted(newest.values(), key=lambda v: v.id, reverse=True):
-        if v.kind not in method.seeds_from or v.domain == BASELINE_DOMAIN or v.base_fingerprint != fingerprint \
+        if v.kind not in adapter_kind.seeds_from or v.domain == BASELINE_DOMAIN or v.base_fingerprint != fingerprint \
                 or any(p.get("relation") == "import" for p in v.parents):
             continue
         info, path = registry.artifact_path(v)
         if wanted is not None:
-            stored = method.read_config(path)
+            stored = adapter_kind.read_config(path)
             if not all(_same(getattr(stored, k), getattr(wanted, k)) for k in given):
                 continue
         found.append((info, path))
@@ -274,7 +274,7 @@ def _stack(base_model, candidates: list[tuple[Any, Path]]) -> tuple[dict[str, tu
     stackers: dict[str, Any] = {}
     slots: dict[str, tuple[Any, int]] = {}
     for info, path in candidates:
-        kind = get_method(info.kind)
+        kind = get_kind(info.kind)
         stacker = stackers.get(kind.family)
         if stacker is None:
             stacker = stackers[kind.family] = kind.make_stacker(sites)
@@ -298,7 +298,7 @@ def _unstack(stackers: list) -> None:
             stacker.remove(slot)
 
 
-def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sample: list, *, pad_id: int,
+def score_candidates(base_model, adapter_kind, candidates: list[tuple[Any, Path]], sample: list, *, pad_id: int,
                      batch_size: int, stacked: bool = True) -> tuple[dict[str, float], int]:
     """Loss per token on `sample` of the base and of each candidate, all on the same base.
 
@@ -319,7 +319,7 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     # slower than fp32 on the 2-core demo machine (bf16 speed depends on the machine: a CPU with
     # avx512_bf16 but no AMX ran a bf16 matmul at about half the fp32 speed), and the
     # choice compares losses with each other, not with the training's numbers
-    kw = dict(pad_id=pad_id, batch_size=batch_size, dtype="fp32", method=method)
+    kw = dict(pad_id=pad_id, batch_size=batch_size, dtype="fp32", adapter_kind=adapter_kind)
     base = evaluate(base_model, sample, **kw)
     losses = {BASE: base["loss"]}
     with torch.random.fork_rng(devices=[]):  # loading draws init values; the fresh adapter's seed stays as it was
@@ -334,7 +334,7 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
                     finally:
                         stacker.route(KindRouting())
                     continue
-                scored = method.load(base_model, path)
+                scored = adapter_kind.load(base_model, path)
                 try:
                     losses[info.ref] = evaluate(scored, sample, **kw)["loss"]
                 finally:
@@ -344,7 +344,7 @@ def score_candidates(base_model, method, candidates: list[tuple[Any, Path]], sam
     return losses, int(base["tokens"])
 
 
-def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: int, pad_id: int,
+def choose_init(registry, cfg, adapter_kind, loaded, examples: list, *, total_steps: int, pad_id: int,
                 batch_size: int) -> InitChoice:
     """Run `auto`: find the candidates, score them and the base, pick the start.
 
@@ -355,12 +355,12 @@ def choose_init(registry, cfg, method, loaded, examples: list, *, total_steps: i
         total_steps: the run's optimizer steps (with `cfg.batch_size`, the scoring budget).
     """
     t0 = time.perf_counter()
-    candidates = find_candidates(registry, method, loaded.fingerprint, given_options(cfg, method.name))
+    candidates = find_candidates(registry, adapter_kind, loaded.fingerprint, given_options(cfg, adapter_kind.name))
     if not candidates:
         return InitChoice(AUTO, None, {}, 0, time.perf_counter() - t0)
     mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
     sample = sample_examples(examples, len(candidates) + 1, int(total_steps * cfg.batch_size * mean_tokens), cfg.seed)
-    losses, tokens = score_candidates(loaded.model, method, candidates, sample, pad_id=pad_id,
+    losses, tokens = score_candidates(loaded.model, adapter_kind, candidates, sample, pad_id=pad_id,
                                       batch_size=batch_size)
     best = min((ref for ref in losses if ref != BASE), key=lambda r: losses[r])
     chosen = best if losses[best] < losses[BASE] else None

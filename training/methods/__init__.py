@@ -1,14 +1,14 @@
 """The adapter kinds, one module each, registered by name.
 
 A kind is a module in this package named after the kind (`lora.py` is the kind `lora`) that
-calls `register_method(name, config_cls, module)` on import. Everything else in plait (the
+calls `register_kind(name, config_cls, module)` on import. Everything else in plait (the
 trainer's defaults, the CLI's `--method` choices, the composition engine, the registry
 import, the merge baseline) asks this registry, so a new kind is one new file here and
 nothing else. What a kind's module provides is the `AdapterKind` protocol below (torchtune's
-`AdapterModule` and peft's `register_peft_method` are the models); `Method` wraps a module
+`AdapterModule` and peft's `register_peft_method` are the models); `Kind` wraps a module
 and fills in the optional parts.
 
-The kinds' modules are imported on first use of `METHODS` / `get_method`, not with this
+The kinds' modules are imported on first use of `KINDS` / `get_kind`, not with this
 package: their names (`kind_names()`) come from the file names, so the CLI can list the
 choices without importing torch. A kind that owns a file format says which
 adapter_config.json is its own with a literal `ARTIFACT_MATCH` (read from the module's source,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class AdapterKind(Protocol):
-    """What the module of an adapter kind provides (optional members are listed in `Method`).
+    """What the module of an adapter kind provides (optional members are listed in `Kind`).
 
     Attributes:
         DEFAULT_LR: the learning rate the trainer uses when none is given.
@@ -70,7 +70,7 @@ class AdapterKind(Protocol):
 
 
 @dataclass(frozen=True)
-class Method:
+class Kind:
     """A registered adapter kind: its name, config dataclass and implementing module.
 
     Optional module members, with the default used when a module lacks them:
@@ -195,7 +195,7 @@ class Method:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-_METHODS: dict[str, Method] = {}
+_KINDS: dict[str, Kind] = {}
 _LOADED = False
 
 
@@ -204,44 +204,45 @@ def kind_names() -> tuple[str, ...]:
     return tuple(sorted(i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_")))
 
 
-def _load_all() -> dict[str, Method]:
+def _load_all() -> dict[str, Kind]:
     global _LOADED
     if not _LOADED:
         for name in kind_names():
             importlib.import_module(f"{__name__}.{name}")
-        missing = sorted(set(kind_names()) - set(_METHODS))
+        missing = sorted(set(kind_names()) - set(_KINDS))
         if missing:
             raise ValueError(f"training/methods/{missing[0]}.py registers no kind named {missing[0]!r}")
         _LOADED = True
-    return _METHODS
+    return _KINDS
 
 
 def __getattr__(name: str):
-    # METHODS is loaded on first use so that `import training.methods` stays cheap (PEP 562)
-    if name == "METHODS":
+    # KINDS is loaded on first use so that `import training.methods` stays cheap (PEP 562)
+    if name == "KINDS":
         return dict(sorted(_load_all().items()))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register_method(name: str, config_cls: type, module: ModuleType) -> Method:
+def register_kind(name: str, config_cls: type, module: ModuleType) -> Kind:
     """Register an adapter kind under `name` (called by each kind's module on import).
 
     Raises:
         TypeError: the module lacks a member of the `AdapterKind` protocol.
     """
-    if name in _METHODS and _METHODS[name].module is not module:
-        raise ValueError(f"adapter kind {name!r} is registered twice ({_METHODS[name].module.__name__}, {module.__name__})")
+    if name in _KINDS and _KINDS[name].module is not module:
+        raise ValueError(f"adapter kind {name!r} is registered twice "
+                         f"({_KINDS[name].module.__name__}, {module.__name__})")
     if not isinstance(module, AdapterKind):
         lacking = [m for m in ("DEFAULT_LR", "RANK_OPTION", "attach", "save", "load", "read_config",
                                "disabled", "make_stacker") if not hasattr(module, m)]
         raise TypeError(f"adapter kind {name!r} ({module.__name__}) lacks {', '.join(lacking)}")
     if getattr(module, "ARTIFACT_KIND", name) == name and not isinstance(getattr(module, "ARTIFACT_MATCH", None), dict):
         raise TypeError(f"adapter kind {name!r} ({module.__name__}) writes its own files but has no ARTIFACT_MATCH dict")
-    _METHODS[name] = Method(name, config_cls, module)
-    return _METHODS[name]
+    _KINDS[name] = Kind(name, config_cls, module)
+    return _KINDS[name]
 
 
-def get_method(name: str) -> Method:
+def get_kind(name: str) -> Kind:
     """The registered kind called `name`.
 
     Raises:

@@ -35,7 +35,7 @@ from torch import nn
 
 from registry.errors import BadInputError, IntegrityError
 from registry.names import whole_number
-from training.methods import register_method
+from training.methods import register_kind
 
 DEFAULT_LR = 1e-3
 RANK_OPTION = "bottleneck_size"
@@ -330,4 +330,4 @@ def make_stacker(sites):
     return BottleneckStacker(sites)
 
 
-register_method("bottleneck", BottleneckSettings, sys.modules[__name__])
+register_kind("bottleneck", BottleneckSettings, sys.modules[__name__])

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from registry.errors import BadInputError
-from training.methods import artifact_matches, lora, read_adapter_config, register_method
+from training.methods import artifact_matches, lora, read_adapter_config, register_kind
 from training.methods._lora_stack import LoraDelta, LoraEntry, LoraStacker
 from training.methods.lora import LoraSettings
 
@@ -160,4 +160,4 @@ def make_stacker(sites) -> DoraStacker:
     return DoraStacker(sites)
 
 
-register_method("dora", DoraSettings, sys.modules[__name__])
+register_kind("dora", DoraSettings, sys.modules[__name__])

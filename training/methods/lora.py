@@ -39,7 +39,7 @@ from pathlib import Path
 
 from registry.errors import BadInputError, IntegrityError
 from registry.names import whole_number
-from training.methods import register_method
+from training.methods import register_kind
 
 DEFAULT_LR = 2e-4
 RANK_OPTION = "r"
@@ -205,4 +205,4 @@ def make_stacker(sites):
     return LoraStacker(sites)
 
 
-register_method("lora", LoraSettings, sys.modules[__name__])
+register_kind("lora", LoraSettings, sys.modules[__name__])

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 
 from registry.errors import BadInputError
-from training.methods import lora, register_method
+from training.methods import lora, register_kind
 from training.methods.lora import LoraSettings
 
 #: kinds whose artifacts can initialise a QLoRA adapter (a warm start): LoRA's are the same PEFT layout
@@ -139,4 +139,4 @@ disabled = lora.disabled
 unwrap = lora.unwrap
 make_stacker = lora.make_stacker
 
-register_method("qlora", QLoraSettings, sys.modules[__name__])
+register_kind("qlora", QLoraSettings, sys.modules[__name__])
