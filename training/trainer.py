@@ -269,7 +269,7 @@ def train_steps(model, adapter_kind: Kind, optimizer, examples, *, start: int, t
                 missing = [name for name, p in trainable if p.grad is None]
                 if missing:
                     raise GradientError(f"trainable tensor {missing[0]} received no gradient ({len(missing)} in all); "
-                                        f"the adapter would not learn (for qlora on CPU: see FACTS.md, 4-bit repacking)")
+                                        f"the adapter would not learn (for qlora on CPU: see the README, 4-bit repacking)")
             if parallel is not None:
                 value, _, step_tokens = parallel.reduce(params, local_sum, n, local_tokens)
             if step < check_until:

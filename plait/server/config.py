@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from registry.errors import BadInputError
+from registry.names import whole_number
 
 MIN_TEMPERATURE = 1e-3
 """Temperatures in (0, MIN_TEMPERATURE) decode greedily: sampling that cold picks the top token
@@ -65,9 +66,7 @@ class ServerConfig:
                                 f"use --scheduler continuous (default) or static")
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "default_chat_max_tokens",
                      "max_body_bytes", "max_messages", "max_route_inputs", "max_route_input_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadInputError(f"{name} {value!r} must be a positive integer")
+            whole_number(getattr(self, name), name, 1)
         from routing.residency import check_max_adapters
 
         check_max_adapters(self.max_adapters, "max_adapters")
