@@ -164,7 +164,8 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
         # new domain's rows are encoded (routing.routers._features)
         with cached_embeddings():
             calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
-            metrics = {"calibration": calibration.to_dict(), "heldout": router.evaluate(heldout),
+            heldout_metrics = router.evaluate(heldout, reuse_calibration=True)  # scored once, by calibrate
+            metrics = {"calibration": calibration.to_dict(), "heldout": heldout_metrics,
                        "heldout_split": sources, **extra}
         try:
             return reg.register_router(kind, kind=kind, files=router.to_files(),

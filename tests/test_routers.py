@@ -199,6 +199,23 @@ def test_add_domain_leaves_other_domains_byte_identical(embedding_router):
     assert _accuracy(router, HELDOUT) == 1.0
 
 
+def test_evaluate_reuses_the_calibration_scores_only_for_the_same_texts():
+    """A router update calibrates, then evaluates on the same held-out sets: scored once, same figures."""
+    router = EmbeddingRouter().fit(TRAIN)
+    router.calibrate(HELDOUT, OOD_CALIBRATE)
+    fresh = router.evaluate(HELDOUT)
+    router.calibrate(HELDOUT, OOD_CALIBRATE)
+    calls = []
+    scored = router.scored
+    router.scored = lambda texts: calls.append(len(texts)) or scored(texts)
+    assert router.evaluate(HELDOUT, reuse_calibration=True) == fresh and calls == []
+    router.scored = scored
+    router.calibrate(HELDOUT, OOD_CALIBRATE)
+    router.scored = lambda texts: calls.append(len(texts)) or scored(texts)
+    other = {d: v[:1] for d, v in HELDOUT.items()}  # other texts than calibrate's: scored afresh
+    assert router.evaluate(other, reuse_calibration=True)["n"] == len(other) and calls == [len(other)]
+
+
 def test_calibrated_threshold_sends_out_of_domain_to_base():
     router = EmbeddingRouter().fit(TRAIN)
     cal = router.calibrate(HELDOUT, OOD_CALIBRATE)

@@ -361,8 +361,13 @@ class RouterCore:
             raise BadInputError("held-out data has no texts: give at least one text per domain")
         return texts, labels
 
-    def evaluate(self, heldout: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    def evaluate(self, heldout: Mapping[str, Sequence[str]], reuse_calibration: bool = False) -> dict[str, Any]:
         """Routing accuracy on labelled held-out texts, with and without the fallback threshold.
+
+        Args:
+            reuse_calibration: the router has not changed since `calibrate` scored these same
+                texts (a router update calibrates, then evaluates on the same held-out sets):
+                reuse those scores instead of scoring every text against every domain again.
 
         Returns:
             {"accuracy": top-1 accuracy ignoring the threshold, "accuracy_with_fallback",
@@ -372,7 +377,12 @@ class RouterCore:
         import torch
 
         texts, labels = self._labelled(heldout)
-        probs, conf = self.scored(texts)
+        last = getattr(self, "_calibration_scores", None)
+        if reuse_calibration and last is not None and last[0] == texts:
+            probs, conf = last[1], last[2]
+            self._calibration_scores = None  # used once: do not keep N x domains scores alive
+        else:
+            probs, conf = self.scored(texts)
         pred = probs.argmax(-1)
         y = torch.tensor(labels)
         n_dom = len(self.domains)
@@ -413,6 +423,7 @@ class RouterCore:
             raise BadInputError(f"max_accuracy_drop={max_accuracy_drop} must be in [0, 1] (e.g. 0.02)")
         texts, labels = self._labelled(heldout_in_domain)
         probs, conf_in = self.scored(texts)
+        self._calibration_scores = (texts, probs, conf_in)  # for `evaluate(..., reuse_calibration=True)`
         pred = probs.argmax(-1)
         correct = pred == torch.tensor(labels)
         ood = check_texts(heldout_out_of_domain or [], "out-of-domain text")
