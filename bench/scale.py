@@ -31,7 +31,9 @@ Reported per size: router update and audit seconds, route latency per query (bat
 routing accuracy on every domain's eval rows next to a nearest-centroid reference on the same
 MiniLM embeddings and rows, the fraction of the held-out control texts (`AUDIT_CONTROL`)
 sent to the base, router artifact bytes, `plait registry list --json` and `show --json`
-command-body medians, and adapter bytes per resident adapter (memory = bytes x N resident).
+command-body medians, adapter bytes per resident adapter, and the engine's memory with every
+domain's version loaded: all resident vs `--max-adapters 32` (resident count, evictions, MB of
+adapter tensors the engine holds).
 """
 
 from __future__ import annotations
@@ -286,6 +288,40 @@ def registry_figures(ws, some: str, runs: int = 15) -> dict:
             "show_ms": median_ms(body("registry", "show", f"{some}:1", "--json"), runs)}
 
 
+def _tensor_bytes(model) -> int:
+    """Bytes of every parameter and buffer the engine's model holds (the base's, and every loaded
+    adapter's stacked tensors). An in-process RSS delta would not show them: the audit before has
+    just freed far more than they take, and the allocator reuses it."""
+    import itertools
+
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def engine_memory(ws, limit: int = 32) -> dict:
+    """Every domain's version loaded through `RoutedModel.ensure_adapter`, once with no limit (all
+    resident) and once with `--max-adapters limit`: adapters resident, evictions, and the bytes of
+    adapter tensors the engine holds (its model's tensors minus the base's)."""
+    from plait.service import RoutedModel
+
+    refs = [v.ref for v in ws.registry.search_versions()]
+    out = {}
+    for label, cap in (("all", len(refs)), (f"max{limit}", limit)):
+        rm = RoutedModel(ws, max_adapters=cap)
+        base = _tensor_bytes(rm.engine.model)
+        for ref in refs:
+            rm.ensure_adapter(ref)
+        stats = rm.residency_stats()
+        out[label] = {"resident": stats["resident"], "evictions": stats["evictions"],
+                      "adapter_tensor_mb": round((_tensor_bytes(rm.engine.model) - base) / 2**20, 3)}
+        del rm
+    return {"engine_memory": out, "engine_versions": len(refs)}
+
+
 def adapter_bytes(lora: Path) -> int:
     return sum(p.stat().st_size for p in lora.iterdir() if p.suffix == ".safetensors")
 
@@ -310,7 +346,7 @@ def run_size(n: int, root: Path, loras: list[Path], base: Path, profile_dir: Pat
     print(f"[{n}] router update {update_s:.2f} s, audit {audit_s:.2f} s, engine calls {calls}", flush=True)
     out = {"domains": have + 1, "router_update_s": update_s, "audit_s": audit_s, "add_domain_s": update_s + audit_s,
            "audit_engine_calls": calls["calls"], "audit_engine_rows": calls["rows"], "audit_passed": audit.passed,
-           **routing_figures(ws, doms), **registry_figures(ws, list(doms)[0]),
+           **routing_figures(ws, doms), **registry_figures(ws, list(doms)[0]), **engine_memory(ws),
            "adapter_bytes": adapter_bytes(loras[0]), "smollm2_lora_r8_bytes": smollm2_lora_bytes()}
     print(json.dumps(out), flush=True)
     return out
@@ -348,6 +384,10 @@ def main() -> None:
         print(f"{r['domains']:>8} {r['router_update_s']:>9.2f} {r['audit_s']:>8.2f} {r['route_ms_per_query']:>11.2f} "
               f"{r['accuracy']:>6.1%} {r['nearest_centroid_accuracy']:>9.1%} {r['control_to_base']:>10.0%} "
               f"{r['router_bytes'] / 2**20:>10.2f} {r['list_ms']:>8.1f} {r['show_ms']:>8.1f}")
+        m = r["engine_memory"]
+        print(f"{'':>8} engine: {m['all']['resident']} adapters resident, {m['all']['adapter_tensor_mb']} MB of "
+              f"adapter tensors; --max-adapters 32: {m['max32']['resident']} resident, {m['max32']['evictions']} "
+              f"evictions, {m['max32']['adapter_tensor_mb']} MB")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"command": " ".join(sys.argv), "results": results}) + "\n")
