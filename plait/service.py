@@ -106,7 +106,7 @@ class RoutedModel:
         self.registry = workspace.registry
         self.router_kind = router or workspace.router_kind
         get_router_class(self.router_kind)  # an unknown kind is refused before the base loads
-        check_max_adapters(max_adapters, "--max-adapters")
+        check_max_adapters(max_adapters)
         self.preload = [check_model_name(r) for r in preload]
         for r in self.preload:
             if r in ("auto", "base"):

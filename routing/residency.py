@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from registry.errors import BadInputError, PlaitError
+from registry.errors import PlaitError
+from registry.names import whole_number
 
 MIN_DEFAULT_ADAPTERS = 8
 """Smallest default limit: a small machine still serves a few domains at once."""
@@ -58,16 +59,12 @@ class AdapterSlotsFullError(PlaitError):
 
 
 def check_max_adapters(value: Any, option: str = "max_adapters") -> int | None:
-    """`value` if it is None (no limit) or a positive int.
+    """`value` if it is None (no limit) or a whole number >= 1 (`registry.names.whole_number`).
 
     Raises:
         BadInputError: naming the value and the fix.
     """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInputError(f"{option} {value!r} must be a positive integer (the most adapters held loaded)")
-    return value
+    return None if value is None else whole_number(value, option, 1, example=32)
 
 
 def available_memory_bytes() -> int:

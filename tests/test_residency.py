@@ -98,7 +98,7 @@ def test_default_limit_rule():
     assert default_max_adapters(None, available_bytes=4 * 1024 * mib) == 64  # nominal 16 MiB
     with pytest.raises(BadInputError) as e:
         Residency(0)
-    assert str(e.value) == "max_adapters 0 must be a positive integer (the most adapters held loaded)"
+    assert str(e.value) == "max_adapters 0 is invalid: use a whole number >= 1 (e.g. 32)"
 
 
 def test_routed_model_default_limit_is_sized_for_the_machine(ws):
@@ -268,7 +268,7 @@ def test_perplexity_router_refuses_a_smaller_limit(ws, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and err.strip().endswith(message)
     code = main(["serve", "--workspace", str(ws.path), "--max-adapters", "0"])
-    assert code == 2 and "--max-adapters 0 must be a positive integer" in capsys.readouterr().err
+    assert code == 2 and "--max-adapters 0 is invalid: use a whole number >= 1 (e.g. 32)" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_malformed_preload_before_loading(tmp_path, capsys):
