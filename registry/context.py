@@ -201,10 +201,14 @@ class RegistryContext:
             warnings.warn(f"MLflow mirror failed ({type(e).__name__}: {e}); the registry is unchanged "
                           f"and `plait registry sync-mlflow` mirrors it again", stacklevel=3)
 
-    def pending_mirrors(self) -> int:
-        """How many queued changes MLflow has not mirrored yet."""
+    def pending_mirrors(self, ref: str | None = None) -> int:
+        """How many queued changes MLflow has not mirrored yet (of version `ref` and its aliases
+        when given)."""
         with self._session() as s:
-            return s.exec(select(func.count()).select_from(MlflowPending)).one()
+            q = select(func.count()).select_from(MlflowPending)
+            if ref is not None:
+                q = q.where(MlflowPending.version_id == self._resolve_row(s, ref)[1].id)
+            return s.exec(q).one()
 
     def drain_mlflow(self) -> int:
         """Mirror the queued versions and alias moves into MLflow, oldest first; returns how many.

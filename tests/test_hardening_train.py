@@ -58,11 +58,17 @@ def test_mirrors_are_queued_by_light_commands_and_drained_by_sync(tmp_path, tiny
     assert main(["registry", "alias", "legal:2", "production", "--workspace", str(ws)]) == 0
     assert not (ws / "mlflow.db").exists()
     reg = Workspace(ws).registry
-    assert reg.pending_mirrors() == 4
+    assert reg.pending_mirrors() == 4 and reg.pending_mirrors("legal:1") == 2  # the version, its alias move
     capsys.readouterr()
+    assert main(["registry", "show", "legal:2", "--json", "--workspace", str(ws)]) == 0
+    assert json.loads(capsys.readouterr().out)["mlflow_queued"] == 2
+    assert main(["registry", "show", "legal:2", "--workspace", str(ws)]) == 0
+    assert "mlflow      2 change(s) queued: `plait registry sync-mlflow` mirrors them now" in capsys.readouterr().out
     assert main(["registry", "sync-mlflow", "--workspace", str(ws)]) == 0
     assert "mirrored 2 version(s)" in capsys.readouterr().out
     assert reg.pending_mirrors() == 0
+    assert main(["registry", "show", "legal:2", "--workspace", str(ws)]) == 0
+    assert "mlflow      mirrored" in capsys.readouterr().out
     client = mlflow_client(ws)
     assert sorted(m.tags["plait_ref"] for m in client.search_model_versions("name='legal'")) == ["legal:1", "legal:2"]
     assert client.get_model_version_by_alias("legal", "production").tags["plait_ref"] == "legal:2"

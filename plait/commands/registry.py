@@ -36,13 +36,17 @@ def show(ref: RefArg, json_: JsonOpt = False, workspace: WorkspaceOpt = None) ->
     reg = open_workspace(workspace).registry
     info = reg.get_version(ref)
     metrics = reg.get_metrics(info.ref)
+    queued = reg.pending_mirrors(info.ref)  # registered or aliased by a command that left MLflow closed
     if json_:
-        return print_json({**info.to_dict(), "metrics": metrics})
+        return print_json({**info.to_dict(), "metrics": metrics, "mlflow_queued": queued})
     c = console()
     c.print(f"[bold]{info.ref}[/bold]  ({info.kind}, domain {info.domain}, {info.status})")
     for label, value in [("sha256", info.sha256), ("size", f"{info.size_bytes:,} bytes"),
                          ("base", info.base_fingerprint), ("data", info.data_fingerprint or "-"),
-                         ("mlflow run", info.mlflow_run_id or "-"), ("created", info.created_at.isoformat()),
+                         ("mlflow run", info.mlflow_run_id or "-"),
+                         ("mlflow", "off" if not reg.tracking_uri else
+                          f"{queued} change(s) queued: `plait registry sync-mlflow` mirrors them now" if queued
+                          else "mirrored"), ("created", info.created_at.isoformat()),
                          ("aliases", ", ".join(info.aliases) or "-"),
                          ("parents", ", ".join(_parent(p) for p in info.parents) or "-")]:
         c.print(f"  {label:<11} {value}")
