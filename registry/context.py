@@ -235,6 +235,12 @@ class RegistryContext:
                         s.delete(row)
         return len(mirrored)
 
+    @staticmethod
+    def _run_missing(info: VersionInfo) -> bool:
+        """A trained version whose MLflow run was never linked (its logging failed)."""
+        trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
+        return info.mlflow_run_id is None and trained and "steps" in info.config
+
     def _mirror_one(self, version_id: int, alias: str | None) -> bool:
         """Mirror one queued entry; False leaves it queued (a trained version without its run)."""
         with self._session() as s:
@@ -246,8 +252,7 @@ class RegistryContext:
                 pointer = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
                 target = pointer and s.get(AdapterVersion, pointer.version_id).version
         if alias is None:
-            trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
-            if info.mlflow_run_id is None and trained and "steps" in info.config:
+            if self._run_missing(info):
                 return False
             self.tracking.mirror_version(info, self.store.path(info.location))
         elif target is not None:

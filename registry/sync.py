@@ -41,8 +41,7 @@ class MlflowSync(RegistryContext):
             raise BadInputError("this workspace has no MLflow tracking URI; set tracking_uri in plait.toml")
         versions = self.search_versions()
         for info in versions:
-            trained = any(p["relation"] in ("trained-from-base", "warm-start") for p in info.parents)
-            if info.mlflow_run_id is None and trained and "steps" in info.config:
+            if self._run_missing(info):
                 info = self._restore_run(info)
             self.tracking.mirror_version(info, self.store.path(info.location))
             for alias in info.aliases:

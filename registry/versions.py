@@ -101,10 +101,8 @@ class Versions(RegistryContext):
                 raise BadInputError(f"unknown lineage relation {rel!r}: use one of {', '.join(RELATIONS)}")
         if not base_fingerprint:
             raise BadInputError("a version needs the fingerprint of its base model")
+        self.check_line(name, kind, domain)
         with self._session() as s:
-            existing = s.exec(select(Adapter).where(Adapter.name == name)).first()
-            if existing is not None:
-                self._check_line(s, existing, kind, domain)
             for ref, *_ in parents:
                 self._resolve_row(s, ref)
 
