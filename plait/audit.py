@@ -60,6 +60,7 @@ Gate: the audit fails when integrity fails or when any domain's forgetting under
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plait._runtime import fewer_gc_passes
 from plait.datasets import AUDIT_CONTROL
 from plait.forgetting import continual_metrics, final_stage_metrics
 from registry.errors import BadInputError, NotFoundError
@@ -95,7 +97,7 @@ CONTROL_TOLERANCE = 0.05
 #: final stage's served version per domain; every figure stays in the registry (its metrics)
 HEATMAP_LABELS = 40
 #: the heatmap draws at most the newest this many domains (rows and columns)
-HEATMAP_MAX = 200
+HEATMAP_MAX = 100
 
 
 @dataclass
@@ -172,13 +174,14 @@ class _Plan:
     order: list[str]
     stages: dict[int, _Stage]
 
-    @property
+    @functools.cached_property
     def pos(self) -> dict[str, int]:
-        return {d: self.all_domains.index(d) for d in self.order}
+        at = {d: i for i, d in enumerate(self.all_domains)}  # one pass: thousands of domains
+        return {d: at[d] for d in self.order}
 
     @property
     def last_stage(self) -> int:
-        return self.all_domains.index(self.order[-1])
+        return self.pos[self.order[-1]]
 
     @property
     def current(self) -> _Stage:
@@ -199,7 +202,7 @@ def _plan(reg, kind: str, all_domains: list[str], order: list[str]) -> _Plan:
     from routing.routers import CONFIG_FILE
 
     stages: dict[int, _Stage] = {}
-    for info in reg.search_router_versions(kind):  # oldest first: the newest of a stage wins
+    for info in reg.search_router_versions(kind, metrics=False):  # oldest first: the newest of a stage wins
         config = json.loads((reg.router_path(info) / CONFIG_FILE).read_text())
         n = len(config["domains"])  # not len(covers): a re-pointed router may serve two domains with one version
         if 1 <= n <= len(all_domains):
@@ -422,6 +425,14 @@ def run_audit(ws, *, domains: list[str] | None = None, baselines: tuple[str, ...
         BadInputError: an unknown baseline or merge method, a bad threshold, length or rate.
         NotFoundError: an unknown domain, nothing trained, or no router version for the last stage.
     """
+    with fewer_gc_passes():
+        return _run_audit(ws, domains, baselines, max_forgetting, out_dir, max_length, merge, baseline_lr,
+                          progress, log)
+
+
+def _run_audit(ws, domains, baselines, max_forgetting, out_dir, max_length, merge, baseline_lr, progress,
+               log) -> AuditResult:
+    """`run_audit` with its options as given."""
     t0 = time.time()
     reg = ws.registry
     baseline_lr = _check_options(baselines, merge, max_forgetting, baseline_lr)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plait._runtime import fewer_gc_passes
 from plait.audit import run_audit
 from plait.datasets import AUDIT_CONTROL, CALIBRATION_CONTROL  # noqa: F401 - AUDIT_CONTROL: re-exported
 from registry.errors import BadInputError, NotFoundError, StaleRouterError
@@ -34,6 +35,8 @@ from training.data import VALIDATION_MAX_ROWS
 #: how many training texts of a domain the router learns from (prototypes and word counts have a
 #: fixed size whatever the number; the embedding router's kNN bank keeps one vector per text)
 ROUTER_TEXTS_PER_DOMAIN = 1024
+#: at most this many domains' validation rows calibrate and judge each router update (`calibration_domains`)
+CALIBRATION_MAX_DOMAINS = 256
 
 
 @dataclass
@@ -66,6 +69,22 @@ def heldout_texts(reg, domain: str) -> tuple[list[str], str]:
             continue
         return [row_input(r) for r in rows[:VALIDATION_MAX_ROWS]], split
     return [], "none"
+
+
+def calibration_domains(domains: list[str]) -> list[str]:
+    """The domains a router update calibrates and judges the router on: every domain up to
+    `CALIBRATION_MAX_DOMAINS`; above that, the ones whose names hash lowest (sha256), a fixed
+    sample on every machine that changes little as domains arrive. The threshold is one number
+    on the best cosine, which a few hundred domains' validation rows pin down as well as
+    thousands do; reading and scoring every domain's rows made each update grow with the
+    square of the domains (issue 16)."""
+    import hashlib
+
+    if len(domains) <= CALIBRATION_MAX_DOMAINS:
+        return list(domains)
+    ranked = sorted(domains, key=lambda d: hashlib.sha256(d.encode()).hexdigest())[:CALIBRATION_MAX_DOMAINS]
+    keep = set(ranked)
+    return [d for d in domains if d in keep]
 
 
 def _heldout_sets(reg, domains: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -129,8 +148,9 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
     the load (`StaleRouterError`, checked inside its write transaction); then the newest version
     is loaded again and `apply` runs again on it, so concurrent changes (independent `plait
     train` jobs) all land and no version drops a domain its parent covers. After `apply` the
-    threshold is calibrated again over every domain's frozen validation set (`heldout_texts`)
-    and the calibration control texts, and the held-out accuracy is measured on the same sets.
+    threshold is calibrated again over every domain's frozen validation set (`heldout_texts`;
+    above `CALIBRATION_MAX_DOMAINS` domains, a fixed sample of them: `calibration_domains`) and
+    the calibration control texts, and the held-out accuracy is measured on the same sets.
 
     Args:
         ws: the `plait.Workspace`.
@@ -144,12 +164,18 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
     Raises:
         StaleRouterError: other writers got in first `ROUTER_CHANGE_ATTEMPTS` times in a row.
     """
-    from routing.routers import get_router_class, load_router, read_files
-    from routing.routers._features import cached_embeddings
-
     reg = ws.registry
     kind = kind or ws.router_kind
     runtime = router_runtime(kind, engine)
+    with fewer_gc_passes():
+        return _change_router(reg, kind, runtime, apply)
+
+
+def _change_router(reg, kind: str, runtime: dict, apply: Callable[[Any], dict | None]) -> Any:
+    """`change_router`'s load, apply, calibrate, register and retry loop."""
+    from routing.routers import get_router_class, load_router, read_files
+    from routing.routers._features import cached_embeddings
+
     for attempt in range(1, ROUTER_CHANGE_ATTEMPTS + 1):
         try:
             current = reg.get_router(kind)
@@ -159,14 +185,15 @@ def change_router(ws, apply: Callable[[Any], dict | None], *, kind: str | None =
         extra = apply(router)
         if extra is None:
             return current
-        heldout, sources = _heldout_sets(reg, router.domains)
+        heldout, sources = _heldout_sets(reg, calibration_domains(router.domains))
         # the held-out texts are frozen: their embeddings are cached by content hash, so only the
         # new domain's rows are encoded (routing.routers._features)
         with cached_embeddings():
             calibration = router.calibrate(heldout, list(CALIBRATION_CONTROL))
             heldout_metrics = router.evaluate(heldout, reuse_calibration=True)  # scored once, by calibrate
             metrics = {"calibration": calibration.to_dict(), "heldout": heldout_metrics,
-                       "heldout_split": sources, **extra}
+                       "heldout_split": sources, "heldout_domains": f"{len(sources)} of {len(router.domains)}",
+                       **extra}
         try:
             return reg.register_router(kind, kind=kind, files=router.to_files(),
                                        covers=[router.refs[d] for d in router.domains], metrics=metrics,

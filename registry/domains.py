@@ -99,8 +99,9 @@ class Domains(RegistryContext):
         _check_split(split)
         wanted = set(domains)
         with self._session() as s:
-            found = [(d.name, getattr(d, f"{split}_sha256"), getattr(d, f"{split}_location"))
-                     for d in s.exec(select(Domain)).all() if d.name in wanted and getattr(d, f"{split}_sha256")]
+            found = [(name, sha, loc) for name, sha, loc in s.exec(  # columns, not a Domain object a row
+                select(Domain.name, getattr(Domain, f"{split}_sha256"), getattr(Domain, f"{split}_location"))).all()
+                if name in wanted and sha]
         out = {}
         for name, sha, loc in found:
             path = self.store.verify(loc, sha, what=f"{split} set of domain {name!r}")

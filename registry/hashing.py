@@ -131,15 +131,16 @@ def _cache_put(key: tuple, digest: str) -> None:
 
 def list_tree(root: Path) -> list[Path]:
     """Every regular file under `root`, sorted; refuses links and other special files."""
-    return [p for p, _ in _walk(Path(root))]
+    return [Path(p) for p, _ in _walk(str(root))]
 
 
-def _walk(root: Path) -> list[tuple[Path, os.stat_result]]:
+def _walk(root: str) -> list[tuple[str, os.stat_result]]:
     """(path, stat) of every regular file under `root`, sorted by path; one directory read per
     folder (the entry types come with it) and one stat per file, for audits that check
-    thousands of folders. Refuses links and other special files."""
-    files: list[tuple[Path, os.stat_result]] = []
-    stack = [str(root)]
+    thousands of folders (plain strings: pathlib objects cost more than the syscalls here).
+    Refuses links and other special files."""
+    files: list[tuple[str, os.stat_result]] = []
+    stack = [root]
     while stack:
         try:
             entries = list(os.scandir(stack.pop()))
@@ -152,21 +153,23 @@ def _walk(root: Path) -> list[tuple[Path, os.stat_result]]:
                 stack.append(e.path)
             elif e.is_file(follow_symlinks=False):
                 try:
-                    files.append((Path(e.path), e.stat(follow_symlinks=False)))
+                    files.append((e.path, e.stat(follow_symlinks=False)))
                 except FileNotFoundError:
                     continue
             else:
                 raise BadInputError(f"{e.path} is not a regular file: artifacts may hold regular files only")
-    return sorted(files, key=lambda f: f[0])
+    return sorted(files, key=lambda f: f[0].split(os.sep))  # = pathlib's order (by parts), which digests keep
 
 
 def tree_digest(root: Path) -> tuple[str, int]:
     """The manifest digest and total byte size of the folder `root`."""
     manifest = hashlib.sha256()
     total = 0
-    for p, st in _walk(Path(root)):
+    top = os.path.join(str(root), "")
+    for p, st in _walk(str(root)):
         total += st.st_size
-        manifest.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{sha256_file(p, st)}\n".encode())
+        rel = p[len(top):].replace(os.sep, "/")
+        manifest.update(f"{rel}\0{st.st_size}\0{sha256_file(p, st)}\n".encode())
     return manifest.hexdigest(), total
 
 

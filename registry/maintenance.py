@@ -98,14 +98,18 @@ class Maintenance(RegistryContext):
             with ref `coverage of router NAME:V`.
         """
         with self._session() as s:
-            rows = [(f"{a.name}:{v.version}", v.location, v.sha256) for a, v in s.exec(
-                select(Adapter, AdapterVersion).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+            # columns, not ORM objects: thousands of rows (issue 16)
+            rows = [(f"{name}:{version}", location, sha) for name, version, location, sha in s.exec(
+                select(Adapter.name, AdapterVersion.version, AdapterVersion.location, AdapterVersion.sha256)
+                .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
                 .where(AdapterVersion.status == "ready").order_by(Adapter.name, AdapterVersion.version)).all()]
-            rows += [(f"router {r.name}:{r.version}", r.location, r.sha256) for r in s.exec(
-                select(RouterVersion).where(RouterVersion.status == "ready").order_by(RouterVersion.id)).all()]
-            for d in s.exec(select(Domain).order_by(Domain.position)).all():
-                rows += [(f"{split} set {d.name}", getattr(d, f"{split}_location"), getattr(d, f"{split}_sha256"))
-                         for split in SPLITS if getattr(d, f"{split}_location")]
+            rows += [(f"router {name}:{version}", location, sha) for name, version, location, sha in s.exec(
+                select(RouterVersion.name, RouterVersion.version, RouterVersion.location, RouterVersion.sha256)
+                .where(RouterVersion.status == "ready").order_by(RouterVersion.id)).all()]
+            cols = [getattr(Domain, f"{split}_{what}") for split in SPLITS for what in ("location", "sha256")]
+            for name, *places in s.exec(select(Domain.name, *cols).order_by(Domain.position)).all():
+                rows += [(f"{split} set {name}", places[2 * i], places[2 * i + 1])
+                         for i, split in enumerate(SPLITS) if places[2 * i]]
             coverage = self._coverage(s)
         checked: dict[tuple[str, str], str | None] = {}
 

@@ -74,15 +74,24 @@ class Routers(RegistryContext):
                     self._resolve_row(s, r)  # an alias or a latest: resolve it; a missing ref: its usual error
 
     @staticmethod
-    def _router_info(row: RouterVersion) -> RouterInfo:
+    def _router_info(row: RouterVersion, metrics: bool = True) -> RouterInfo:
         return RouterInfo(row.id, row.name, row.version, row.kind, row.sha256, row.size_bytes, row.location,
-                          json.loads(row.covers_json), json.loads(row.metrics_json), row.status, row.created_at)
+                          json.loads(row.covers_json), json.loads(row.metrics_json) if metrics else {}, row.status,
+                          row.created_at)
 
-    def search_router_versions(self, name: str) -> list[RouterInfo]:
-        """Every version of router `name`, oldest first."""
+    def search_router_versions(self, name: str, metrics: bool = True) -> list[RouterInfo]:
+        """Every version of router `name`, oldest first.
+
+        Args:
+            metrics: read each version's held-out metrics (False: `metrics` is {}; an audit
+                reading every stage's router skips what grows with each version's domains).
+        """
+        from sqlalchemy.orm import defer
+
         with self._session() as s:
-            rows = s.exec(select(RouterVersion).where(RouterVersion.name == name).order_by(RouterVersion.version)).all()
-            return [self._router_info(r) for r in rows]
+            q = select(RouterVersion).where(RouterVersion.name == name).order_by(RouterVersion.version)
+            rows = s.exec(q if metrics else q.options(defer(RouterVersion.metrics_json))).all()
+            return [self._router_info(r, metrics) for r in rows]
 
     def get_router(self, name: str, version: int | None = None) -> RouterInfo:
         """A router version (the newest when `version` is None)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import time
@@ -26,6 +27,8 @@ from registry.hashing import list_tree, tree_digest
 
 _TMP = ".tmp"
 _OBJECTS = "sha256"
+#: the locations `put` makes: sha256/<first two hex digits>/<hex digest>
+_CANONICAL = re.compile(rf"{_OBJECTS}/([0-9a-f]{{2}})/\1[0-9a-f]{{62}}")
 #: a hook the crash tests use to stop a writer at a named point; None in normal runs
 _fault_hook: Callable[[str], None] | None = None
 
@@ -69,12 +72,23 @@ class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._resolved_root: Path | None = None
+        self._plain_dirs: set[str] = set()  # shard folders seen not to be links
 
     def path(self, location: str) -> Path:
         """The absolute path of a stored artifact; refuses locations outside the store."""
         if self._resolved_root is None:  # resolved once: audits ask for thousands of paths
             self._resolved_root = self.root.resolve()
         root = self._resolved_root
+        if _CANONICAL.fullmatch(location):  # sha256/ab/<digest>: nothing in it can climb out; only
+            p = os.path.join(root, location)  # a link in its place could (checked), so no resolve()
+            shard = os.path.dirname(p)
+            if shard not in self._plain_dirs:  # sha256/ and sha256/ab/ are looked at once a process
+                if os.path.islink(shard) or os.path.islink(os.path.dirname(shard)):
+                    shard = None
+                else:
+                    self._plain_dirs.add(shard)
+            if shard and not os.path.islink(p):
+                return Path(p)
         p = (root / location).resolve()
         if not p.is_relative_to(root) or p == root:
             raise IntegrityError(f"artifact location {location!r} points outside the store {self.root}")

@@ -221,6 +221,13 @@ def test_cli_trains_imports_and_exports_dora(workspace, world, tmp_path, capsys)
     assert "registered law:1  (dora, domain law, 2 steps)" in out
     v = workspace.registry.get_version("law:1")
     assert v.kind == "dora" and v.config["adapter"]["r"] == 4
+    # routed (the router serves the domain with it) and audited (its own figure measured)
+    assert workspace.registry.get_router(workspace.router_kind).covers == ["law:1"]
+    capsys.readouterr()
+    assert main(["audit", "--json", *w]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["own_versions"] == {"law": "law:1"} and audit["served"] == {"law": ["law:1"]}
+    assert audit["current"]["own"]["law"] < audit["current"]["base"]["law"]
     assert main(["registry", "export", "law:1", str(tmp_path / "exp"), *w]) == 0
     base = load_base(workspace.config.base_model)
     with torch.no_grad():

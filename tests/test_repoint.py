@@ -89,6 +89,7 @@ def test_every_repointing_is_a_new_router_version(grown):
     assert routers[-1].metrics["repointed"][0]["domain"] == "cats"
     # the router calibrated on the validation splits, never on the eval rows
     assert routers[-1].metrics["heldout_split"] == {"cats": "validation", "dogs": "validation", "law": "validation"}
+    assert routers[-1].metrics["heldout_domains"] == "3 of 3"
 
 
 def test_baselines_and_imports_are_never_targets(grown, tiny_loras):

@@ -171,6 +171,26 @@ def test_embedding_router_routes_heldout_sentences(scoring):
     assert (probs.argmax(1) == 2).all()
 
 
+def test_evaluate_keeps_only_the_non_zero_confusion_cells_past_the_dense_limit():
+    """Above DENSE_CONFUSION_MAX domains a router version stores its confusion as non-zero
+    (true, predicted, count) cells: O(held-out rows), not O(domains squared) (issue 16)."""
+    from routing.routers import DENSE_CONFUSION_MAX
+    from routing.routers.lexical import LexicalRouter
+
+    n = DENSE_CONFUSION_MAX + 1
+    words = [f"w{i}a w{i}b w{i}c" for i in range(n)]
+    router = LexicalRouter().fit({f"d{i}": [words[i]] * 3 for i in range(n)})
+    heldout = {f"d{i}": [words[i], words[i]] for i in range(n)}
+    heldout["d0"] = [words[0], words[1]]  # one text of d0 reads like d1
+    result = router.evaluate(heldout)
+    assert "confusion" not in result
+    cells = sorted(map(tuple, result["confusion_cells"]))
+    assert cells == sorted([(0, 0, 1), (0, 1, 1)] + [(i, i, 2) for i in range(1, n)])
+    small = LexicalRouter().fit({f"d{i}": [words[i]] * 3 for i in range(3)})
+    assert small.evaluate({f"d{i}": [words[i]] for i in range(3)})["confusion"] == [[1, 0, 0], [0, 1, 0],
+                                                                                    [0, 0, 1]]
+
+
 def test_route_top_k_renormalises_weights(embedding_router):
     decisions = embedding_router.route(HELDOUT["astronomy"][:2], top_k=2)
     assert all(isinstance(d, RouteDecision) for d in decisions)

@@ -77,6 +77,36 @@ def test_sparse_word_model_equals_the_dense_formula():
     torch.testing.assert_close(r._score_logits(texts)[:, :3], got)
 
 
+def test_word_model_terms_of_held_out_texts_are_hashed_once_across_processes(tmp_path, monkeypatch):
+    """The scores read the cached terms (same figures), and a new process reads them from the
+    cache file instead of hashing the texts again."""
+    from routing.routers import _features
+
+    monkeypatch.setenv("PLAIT_CACHE", str(tmp_path / "cache"))
+    _features.clear_memory_cache()
+    r = LexicalRouter().fit({"a": ["the cat sat on the mat"], "b": ["the court ruled on the contract law"]})
+    texts = ["the cat in court", "zzz qqq", "!!!"]
+    plain = r._score_logits(texts)
+    calls = []
+
+    def counted(text, buckets, bigrams):
+        calls.append(text)
+        return hashed_terms(text, buckets, bigrams)
+
+    with _features.cached_embeddings():
+        first = _features.cached_term_arrays(texts, r.buckets, r.bigrams, counted)
+        torch.testing.assert_close(r._score_logits(texts), plain)
+    assert calls == texts
+    _features.clear_memory_cache()  # a new process: the terms come from the cache file
+    with _features.cached_embeddings():
+        again = _features.cached_term_arrays(texts, r.buckets, r.bigrams, counted)
+        torch.testing.assert_close(r._score_logits(texts), plain)
+    assert calls == texts
+    for (i, v), (j, w), t in zip(first, again, texts):
+        assert dict(zip(i.tolist(), v.tolist())) == dict(zip(j.tolist(), w.tolist())) == hashed_terms(t, r.buckets)
+    _features.clear_memory_cache()
+
+
 def test_audit_after_a_new_domain_measures_only_the_new_rows(workspace, tiny_loras, monkeypatch):
     """Three domains imported and routed one by one; the audit after the third runs the engine on
     the new domain (base, own, routed), the previous stage on it (FWT) and the control set only."""
@@ -139,3 +169,22 @@ def test_batched_reads_equal_the_row_by_row_ones(registry, tiny_loras):
     registry.set_domain_rows("x", "eval", [{"text": "t1"}])
     assert registry.get_many_domain_rows(["y", "x"], "eval") == {"x": registry.get_domain_rows("x", "eval")}
     assert [d["adapters"] for d in registry.search_domains()] == [["a"], ["b"]]
+
+
+def test_router_updates_calibrate_on_a_fixed_sample_of_domains_past_the_limit(monkeypatch):
+    """Up to CALIBRATION_MAX_DOMAINS every domain calibrates the router; above, a sample fixed by
+    the names' sha256 (the same on every machine), in the router's order, that a new domain
+    changes by at most one member."""
+    import hashlib
+
+    from plait import continual
+
+    monkeypatch.setattr(continual, "CALIBRATION_MAX_DOMAINS", 4)
+    few = ["d0", "d1", "d2", "d3"]
+    assert continual.calibration_domains(few) == few
+    many = [f"d{i}" for i in range(10)]
+    lowest = sorted(many, key=lambda d: hashlib.sha256(d.encode()).hexdigest())[:4]
+    got = continual.calibration_domains(many)
+    assert got == [d for d in many if d in lowest] and len(got) == 4
+    grown = continual.calibration_domains([*many, "d10"])
+    assert len(set(got) - set(grown)) <= 1 and len(grown) == 4

@@ -68,6 +68,8 @@ TENSORS_FILE = "router.safetensors"
 FORMAT_VERSION = 1
 #: how much of each text a router sees (the encoders truncate further; word counts use it all)
 ROUTER_TEXT_CHARS = 8000
+#: `evaluate` returns the dense confusion matrix up to this many domains, its non-zero cells above
+DENSE_CONFUSION_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,10 @@ class RouterCore:
         Returns:
             {"accuracy": top-1 accuracy ignoring the threshold, "accuracy_with_fallback",
              "fallback_rate", "confusion": [true][predicted] counts in domain order,
-             "per_domain": {domain: accuracy}, "domains": [...], "n": count}.
+             "per_domain": {domain: accuracy}, "domains": [...], "n": count}. Above
+            `DENSE_CONFUSION_MAX` domains "confusion" gives way to "confusion_cells": the non-zero
+            [true, predicted, count] triples (at most one per text), so what a router version
+            stores grows with its held-out rows, not with the square of its domains.
         """
         import torch
 
@@ -386,8 +391,13 @@ class RouterCore:
         pred = probs.argmax(-1)
         y = torch.tensor(labels)
         n_dom = len(self.domains)
-        confusion = torch.zeros(n_dom, n_dom, dtype=torch.long)
-        confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+        if n_dom <= DENSE_CONFUSION_MAX:
+            dense = torch.zeros(n_dom, n_dom, dtype=torch.long)
+            dense.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+            confusion = {"confusion": dense.tolist()}
+        else:
+            pairs, counts = torch.unique(torch.stack([y, pred], 1), dim=0, return_counts=True)
+            confusion = {"confusion_cells": [[int(a), int(b), int(c)] for (a, b), c in zip(pairs.tolist(), counts)]}
         kept = conf >= self.threshold
         per_domain = {}
         for i, d in enumerate(self.domains):
@@ -397,7 +407,7 @@ class RouterCore:
         return {"accuracy": float((pred == y).float().mean()),
                 "accuracy_with_fallback": float(((pred == y) & kept).float().mean()),
                 "fallback_rate": float((~kept).float().mean()),
-                "confusion": confusion.tolist(), "per_domain": per_domain,
+                **confusion, "per_domain": per_domain,
                 "domains": list(self.domains), "n": len(texts)}
 
     def calibrate(self, heldout_in_domain: Mapping[str, Sequence[str]],

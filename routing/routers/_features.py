@@ -1,17 +1,21 @@
-"""Sentence embeddings of held-out texts, computed once and kept (keyed by content hash).
+"""Sentence embeddings and word-model terms of held-out texts, computed once and kept (keyed by
+content hash).
 
 Every router update calibrates and evaluates the router on every domain's frozen validation
 rows, and every audit routes every domain's frozen eval rows. Those texts never change, and
 the encoder is a fixed function of the text, so its output is cached per text: the update
 after domain N encodes only the new domain's rows, whatever N is (issue 16). What stays
 per-update is arithmetic on cached vectors: one [rows x domains] product, bounded by
-(held-out rows) x (domains) multiply-adds of 384 floats.
+(held-out rows) x (domains) multiply-adds of 384 floats. The lexical router's hashed terms of
+those texts are kept the same way (`cached_term_arrays`).
 
 The cache is active only inside `cached_embeddings()` (queries being served are not kept:
 they would grow the cache without bound). Keys are the sha256 of the text under one encoder
 description (name, sequence length, precision); values live in memory for the process and in
-`$PLAIT_CACHE/router-embeddings/<key>.safetensors` (default `~/.cache/plait`) across processes,
-written atomically (temp file + rename). A lost write only costs a re-encode.
+`$PLAIT_CACHE/router-embeddings/<key>/<x>.safetensors` (default `~/.cache/plait`; 16 shards
+by the first hex digit of the text hash, so a new domain's few texts rewrite a few sixteenths
+of the cache, not all of it) across processes, written atomically (temp file + rename). A lost
+write only costs a re-encode.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ from typing import Any
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("plait_embedding_cache", default=False)
 _MEMORY: dict[str, dict[str, Any]] = {}  # encoder key -> {text sha256: [dim] float32 vector}
-_DIRTY: set[str] = set()
-_TERMS: dict[tuple, dict[int, float]] = {}  # (text, buckets, bigrams) -> hashed terms, this process
+_DIRTY: dict[str, set[str]] = {}  # encoder key -> shards (first hex digit of the text hash) to write
 _LOCK = threading.Lock()
 #: how many encoder calls filled the cache (for tests and the scale bench)
 STATS = {"encoded_texts": 0, "cached_texts": 0}
@@ -40,7 +43,6 @@ def clear_memory_cache() -> None:
     with _LOCK:
         _MEMORY.clear()
         _DIRTY.clear()
-        _TERMS.clear()
 
 
 def cache_dir() -> Path:
@@ -63,15 +65,25 @@ def _key(spec: dict[str, Any]) -> str:
 
 
 def _table(key: str) -> dict[str, Any]:
+    """The cached rows of one encoder: every shard file of `<cache>/<key>/` read once a process."""
     if key not in _MEMORY:
         from safetensors.torch import load_file
 
-        path = cache_dir() / f"{key}.safetensors"
-        try:
-            _MEMORY[key] = dict(load_file(str(path))) if path.is_file() else {}
-        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
-            _MEMORY[key] = {}
+        table: dict[str, Any] = {}
+        folder = cache_dir() / key
+        for path in sorted(folder.glob("?.safetensors")) if folder.is_dir() else []:
+            try:
+                table.update(load_file(str(path)))
+            except Exception:  # noqa: BLE001 - a damaged shard is rebuilt, never trusted
+                continue
+        _MEMORY[key] = table
     return _MEMORY[key]
+
+
+def _mark(key: str, hashes) -> None:
+    """Note the shards that gained rows (under _LOCK): `flush` rewrites those only, so a new
+    domain's few texts cost a few small files, not the whole cache."""
+    _DIRTY.setdefault(key, set()).update(h[:1] for h in hashes)
 
 
 def encode_cached(spec: dict[str, Any], texts: list[str], encode: Callable[[list[str]], Any]):
@@ -97,36 +109,62 @@ def encode_cached(spec: dict[str, Any], texts: list[str], encode: Callable[[list
         with _LOCK:
             for h, v in zip(todo, vectors):
                 table[h] = v.clone()
-            _DIRTY.add(key)
+            _mark(key, todo)
     STATS["encoded_texts"] += len(todo)
     STATS["cached_texts"] += len(texts) - len(todo)
     return torch.stack([table[h] for h in hashes])
 
 
-def cached_terms(text: str, buckets: int, bigrams: bool, terms: Callable[..., dict[int, float]]):
-    """`terms(text, buckets, bigrams)` (the word model's hashed terms), kept in memory while
-    `cached_embeddings()` is active: calibration and evaluation read the same held-out texts."""
-    if not _ACTIVE.get():
-        return terms(text, buckets, bigrams)
-    key = (text, buckets, bigrams)
-    if key not in _TERMS:
-        _TERMS[key] = terms(text, buckets, bigrams)
-    return _TERMS[key]
+def cached_term_arrays(texts: list[str], buckets: int, bigrams: bool, terms: Callable[..., dict[int, float]]):
+    """[(bucket indices int64, weights float64)] of `terms(text, buckets, bigrams)` (the word
+    model's hashed terms) per text; kept beside the embeddings (memory and file) while
+    `cached_embeddings()` is active, so an update or audit hashes only texts it has not seen."""
+    import numpy as np
+
+    def arrays(feats: dict[int, float]):
+        return np.fromiter(feats.keys(), np.int64, len(feats)), np.fromiter(feats.values(), np.float64, len(feats))
+
+    if not _ACTIVE.get() or not texts:
+        return [arrays(terms(t, buckets, bigrams)) for t in texts]
+    import torch
+
+    key = _key({"terms": "crc32 words and word pairs, log1p counts", "buckets": buckets, "bigrams": bigrams})
+    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    with _LOCK:
+        table = _table(key)
+        have = {h: table[h] for h in hashes if h in table}
+    new = {}
+    for h, t in zip(hashes, texts):
+        if h not in have and h not in new:
+            idx, val = arrays(terms(t, buckets, bigrams))
+            new[h] = torch.from_numpy(np.stack([idx.astype(np.float64), val]))  # buckets < 2**24: exact
+    if new:
+        with _LOCK:
+            table.update(new)
+            _mark(key, new)
+    have.update(new)
+    out = []
+    for h in hashes:
+        m = have[h].numpy()
+        out.append((m[0].astype(np.int64), m[1]))
+    return out
 
 
 def flush() -> None:
-    """Write the tables that gained rows (atomically); failures are ignored (it is a cache)."""
+    """Write the shards that gained rows (atomically); failures are ignored (it is a cache)."""
     from safetensors.torch import save_file
 
     with _LOCK:
-        dirty = [(k, dict(_MEMORY[k])) for k in _DIRTY if k in _MEMORY]
+        dirty = [(k, shards, {h: v for h, v in _MEMORY[k].items() if h[:1] in shards})
+                 for k, shards in _DIRTY.items() if k in _MEMORY]
         _DIRTY.clear()
-    for key, table in dirty:
-        folder = cache_dir()
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({h: v.contiguous() for h, v in table.items()}, str(tmp))
-            os.replace(tmp, folder / f"{key}.safetensors")
-        except OSError:
-            tmp.unlink(missing_ok=True)
+    for key, shards, rows in dirty:
+        folder = cache_dir() / key
+        for shard in sorted(shards):
+            tmp = folder / f".{shard}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_file({h: v.contiguous() for h, v in rows.items() if h[:1] == shard}, str(tmp))
+                os.replace(tmp, folder / f"{shard}.safetensors")
+            except OSError:
+                tmp.unlink(missing_ok=True)

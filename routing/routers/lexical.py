@@ -104,37 +104,22 @@ class LexicalRouter(RouterCore):
             done = 0 if self._table is None else self._table[0].shape[0]
             if done and self._table_domains != self.domains[:done]:
                 done = 0  # the order changed (a reload, a reset): build from scratch
-            rows, consts = [], []
-            for d in self.domains[done:]:
-                idx, val = self.counts[d]
-                v = val.double().numpy()
-                rows.append(sp.csr_matrix((np.log1p(v / self.alpha), (np.zeros(len(v), dtype=np.int64),
-                                                                      idx.numpy())), shape=(1, self.buckets)))
-                consts.append(-np.log(v.sum() + self.alpha * self.buckets))
+            new = [self.counts[d] for d in self.domains[done:]]
+            counts = [val.double().numpy() for _, val in new]
+            rows = _csr([idx.numpy() for idx, _ in new], [np.log1p(v / self.alpha) for v in counts], self.buckets)
+            consts = np.array([-np.log(v.sum() + self.alpha * self.buckets) for v in counts], dtype=np.float64)
             if done:
-                rows, consts = [self._table[0], *rows], [self._table[1], np.array(consts)]
-            else:
-                consts = [np.array(consts)]
-            self._table = (sp.vstack(rows, format="csr"), np.concatenate(consts))
+                rows, consts = sp.vstack([self._table[0], rows], format="csr"), np.concatenate([self._table[1], consts])
+            self._table = (rows, consts)
             self._table_domains = list(self.domains)
         return self._table
 
     def _features(self, texts: list[str]):
         """Sparse [len(texts), buckets] of each text's term weights divided by their sum."""
-        import numpy as np
-        import scipy.sparse as sp
+        from routing.routers._features import cached_term_arrays
 
-        from routing.routers._features import cached_terms
-
-        indptr, indices, values = [0], [], []
-        for t in texts:
-            feats = cached_terms(t, self.buckets, self.bigrams, hashed_terms)
-            total = sum(feats.values())
-            indices += feats.keys()
-            values += [v / total for v in feats.values()]
-            indptr.append(len(indices))
-        return sp.csr_matrix((np.array(values, dtype=np.float64), np.array(indices, dtype=np.int64),
-                              np.array(indptr)), shape=(len(texts), self.buckets))
+        pairs = cached_term_arrays(texts, self.buckets, self.bigrams, hashed_terms)
+        return _csr([i for i, _ in pairs], [v / v.sum() if len(v) else v for _, v in pairs], self.buckets)
 
     def _score_logits(self, texts: list[str]):
         """Mean log P(w | d) over each text's weighted terms, every domain in one sparse product:
@@ -161,6 +146,18 @@ class LexicalRouter(RouterCore):
 
     def _params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "buckets": self.buckets, "bigrams": self.bigrams}
+
+
+def _csr(indices: list, values: list, buckets: int):
+    """One CSR matrix [len(indices), buckets] whose row i holds values[i] at indices[i], built in
+    one call (not one small matrix per row, stacked: thousands of domains or texts)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    indptr = np.zeros(len(indices) + 1, dtype=np.int64)
+    np.cumsum([len(i) for i in indices], out=indptr[1:])
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
+    return sp.csr_matrix((cat(values, np.float64), cat(indices, np.int64), indptr), shape=(len(indices), buckets))
 
 
 ROUTER_CLASS = LexicalRouter
