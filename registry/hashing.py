@@ -129,6 +129,27 @@ def _cache_put(key: tuple, digest: str) -> None:
             pass
 
 
+def preload_cache(folder: Path) -> None:
+    """Read the kept digests of every file under `folder` with one query, for a check about to
+    ask for thousands (one query a file otherwise). Only entries whose stat key still matches
+    are ever used (`sha256_file`), so a stale row costs nothing but memory."""
+    import sqlite3
+
+    prefix = os.path.join(os.path.abspath(folder), "")
+    with _DB_LOCK:
+        try:
+            conn = _db()
+            rows = conn.execute("SELECT path, size, mtime_ns, ctime_ns, ino, sha256 FROM file_hash "
+                                "WHERE path >= ? AND path < ?", (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+                                ).fetchall() if conn else []
+        except sqlite3.Error:
+            return
+    now = time.time_ns()
+    for path, size, mtime_ns, ctime_ns, ino, digest in rows:
+        if now - max(mtime_ns, ctime_ns) > RACY_NS:
+            _MEMO[(path, size, mtime_ns, ctime_ns, ino)] = digest
+
+
 def list_tree(root: Path) -> list[Path]:
     """Every regular file under `root`, sorted; refuses links and other special files."""
     return [Path(p) for p, _ in _walk(str(root))]

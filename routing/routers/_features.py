@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -67,17 +68,47 @@ def _key(spec: dict[str, Any]) -> str:
 def _table(key: str) -> dict[str, Any]:
     """The cached rows of one encoder: every shard file of `<cache>/<key>/` read once a process."""
     if key not in _MEMORY:
-        from safetensors.torch import load_file
-
         table: dict[str, Any] = {}
         folder = cache_dir() / key
         for path in sorted(folder.glob("?.safetensors")) if folder.is_dir() else []:
             try:
-                table.update(load_file(str(path)))
+                table.update(_read_shard(path))
             except Exception:  # noqa: BLE001 - a damaged shard is rebuilt, never trusted
                 continue
         _MEMORY[key] = table
     return _MEMORY[key]
+
+
+_SHARD_FORMAT = "plait-feature-shard-1"
+
+
+def _pack(rows: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A shard as three tensors (every row flattened end to end, each row's shape, padded with
+    -1) and its row keys in the metadata: one tensor to read, not one per row."""
+    import torch
+
+    hashes = sorted(rows)
+    shapes = torch.full((len(hashes), 2), -1, dtype=torch.int64)
+    for i, h in enumerate(hashes):
+        shapes[i, :rows[h].dim()] = torch.tensor(rows[h].shape)
+    data = torch.cat([rows[h].reshape(-1) for h in hashes]) if hashes else torch.zeros(0)
+    return {"data": data.contiguous(), "shapes": shapes}, {"format": _SHARD_FORMAT, "keys": json.dumps(hashes)}
+
+
+def _read_shard(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _SHARD_FORMAT:
+            return {}
+        data, shapes = f.get_tensor("data"), f.get_tensor("shapes")
+    hashes = json.loads(meta["keys"])
+    dims = [[d for d in row if d >= 0] for row in shapes.tolist()]
+    sizes = [math.prod(d) for d in dims]
+    if len(hashes) != len(dims) or sum(sizes) != data.numel():
+        return {}
+    return {h: part.view(*d) for h, part, d in zip(hashes, data.split(sizes), dims)}
 
 
 def _mark(key: str, hashes) -> None:
@@ -164,7 +195,8 @@ def flush() -> None:
             tmp = folder / f".{shard}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                save_file({h: v.contiguous() for h, v in rows.items() if h[:1] == shard}, str(tmp))
+                tensors, meta = _pack({h: v for h, v in rows.items() if h[:1] == shard})
+                save_file(tensors, str(tmp), metadata=meta)
                 os.replace(tmp, folder / f"{shard}.safetensors")
             except OSError:
                 tmp.unlink(missing_ok=True)

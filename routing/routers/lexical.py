@@ -92,7 +92,7 @@ class LexicalRouter(RouterCore):
     def _log_probs(self):
         """The word model of every domain as (S, c): log P(w | d) = log(alpha) + S[d, w] + c[d].
 
-        S is sparse (scipy CSR, [n_domains, buckets]): S[d, w] = log1p(n_dw / alpha) is 0 where
+        S is sparse (scipy CSC, [n_domains, buckets]): S[d, w] = log1p(n_dw / alpha) is 0 where
         the domain never saw the bucket, so memory is the domains' non-zero counts, not
         n_domains x buckets (1 MiB a domain dense), and a new domain appends one row instead of
         rebuilding the table. c[d] = -log(n_d + alpha * buckets).
@@ -108,8 +108,10 @@ class LexicalRouter(RouterCore):
             counts = [val.double().numpy() for _, val in new]
             rows = _csr([idx.numpy() for idx, _ in new], [np.log1p(v / self.alpha) for v in counts], self.buckets)
             consts = np.array([-np.log(v.sum() + self.alpha * self.buckets) for v in counts], dtype=np.float64)
-            if done:
-                rows, consts = sp.vstack([self._table[0], rows], format="csr"), np.concatenate([self._table[1], consts])
+            # kept column-major: S.T is then row-major for free, the layout the product with the
+            # texts' rows wants (a row-major S was converted on every scoring call)
+            rows = sp.vstack([self._table[0], rows], format="csc") if done else rows.tocsc()
+            consts = np.concatenate([self._table[1], consts]) if done else consts
             self._table = (rows, consts)
             self._table_domains = list(self.domains)
         return self._table
