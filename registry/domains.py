@@ -11,7 +11,6 @@ from sqlmodel import select
 from registry.context import RegistryContext, _check_split, _with_write_retries
 from registry.errors import BadInputError, ConflictError, NotFoundError
 from registry.models import Adapter, Domain
-from registry.hashing import preload_cache
 from registry.names import validate_name
 
 
@@ -104,7 +103,7 @@ class Domains(RegistryContext):
                 select(Domain.name, getattr(Domain, f"{split}_sha256"), getattr(Domain, f"{split}_location"))).all()
                 if name in wanted and sha]
         if len(found) > 8:
-            preload_cache(self.store.root)  # one query for the kept digests, not one a file
+            self.store.preload_digests()
         out = {}
         for name, sha, loc in found:
             path = self.store.verify(loc, sha, what=f"{split} set of domain {name!r}")

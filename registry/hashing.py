@@ -61,6 +61,7 @@ RACY_NS = 2_000_000_000
 #: files read and digests reused, in this process (for tests and the scale bench)
 HASH_STATS = {"hashed": 0, "cached": 0}
 _MEMO: dict[tuple, str] = {}
+_PRELOADED: set[str] = set()  # folders whose kept digests `preload_cache` has read into _MEMO
 _DB: list = []  # [sqlite3.Connection] once opened; [None] when the cache cannot be used
 _DB_LOCK = threading.Lock()
 
@@ -74,6 +75,7 @@ def clear_memory_cache() -> None:
     """Forget the in-process digests and connection (as a new process would start)."""
     with _DB_LOCK:
         _MEMO.clear()
+        _PRELOADED.clear()
         if _DB and _DB[0] is not None:
             _DB[0].close()
         _DB.clear()
@@ -131,12 +133,15 @@ def _cache_put(key: tuple, digest: str) -> None:
 
 def preload_cache(folder: Path) -> None:
     """Read the kept digests of every file under `folder` with one query, for a check about to
-    ask for thousands (one query a file otherwise). Only entries whose stat key still matches
+    ask for thousands (one query a file otherwise; files hashed later are looked up one by one). Only entries whose stat key still matches
     are ever used (`sha256_file`), so a stale row costs nothing but memory."""
     import sqlite3
 
     prefix = os.path.join(os.path.abspath(folder), "")
     with _DB_LOCK:
+        if prefix in _PRELOADED:  # once until the memory cache is cleared
+            return
+        _PRELOADED.add(prefix)
         try:
             conn = _db()
             rows = conn.execute("SELECT path, size, mtime_ns, ctime_ns, ino, sha256 FROM file_hash "

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from registry.context import SPLITS, RegistryContext
 from registry.entities import VersionInfo
 from registry.errors import BadInputError, IntegrityError, NotFoundError
-from registry.hashing import preload_cache, read_safetensors_header
+from registry.hashing import read_safetensors_header
 from registry.models import Adapter, AdapterVersion, Domain, RouterVersion
 from registry.names import validate_name
 
@@ -111,7 +111,7 @@ class Maintenance(RegistryContext):
                 rows += [(f"{split} set {name}", places[2 * i], places[2 * i + 1])
                          for i, split in enumerate(SPLITS) if places[2 * i]]
             coverage = self._coverage(s)
-        preload_cache(self.store.root)  # one query for the kept digests, not one a file
+        self.store.preload_digests()
         checked: dict[tuple[str, str], str | None] = {}
 
         def check(location: str, sha: str, what: str) -> str | None:

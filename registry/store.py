@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.errors import BadInputError, IntegrityError
-from registry.hashing import list_tree, tree_digest
+from registry.hashing import list_tree, preload_cache, tree_digest
 
 _TMP = ".tmp"
 _OBJECTS = "sha256"
@@ -74,20 +74,26 @@ class ArtifactStore:
         self._resolved_root: Path | None = None
         self._plain_dirs: set[str] = set()  # shard folders seen not to be links
 
-    def path(self, location: str) -> Path:
-        """The absolute path of a stored artifact; refuses locations outside the store."""
+    @property
+    def resolved_root(self) -> Path:
         if self._resolved_root is None:  # resolved once: audits ask for thousands of paths
             self._resolved_root = self.root.resolve()
-        root = self._resolved_root
+        return self._resolved_root
+
+    def _no_link_above(self, shard: str) -> bool:
+        """sha256/ and sha256/ab/ are not links (looked at once a process)."""
+        if shard not in self._plain_dirs:
+            if os.path.islink(shard) or os.path.islink(os.path.dirname(shard)):
+                return False
+            self._plain_dirs.add(shard)
+        return True
+
+    def path(self, location: str) -> Path:
+        """The absolute path of a stored artifact; refuses locations outside the store."""
+        root = self.resolved_root
         if _CANONICAL.fullmatch(location):  # sha256/ab/<digest>: nothing in it can climb out; only
             p = os.path.join(root, location)  # a link in its place could (checked), so no resolve()
-            shard = os.path.dirname(p)
-            if shard not in self._plain_dirs:  # sha256/ and sha256/ab/ are looked at once a process
-                if os.path.islink(shard) or os.path.islink(os.path.dirname(shard)):
-                    shard = None
-                else:
-                    self._plain_dirs.add(shard)
-            if shard and not os.path.islink(p):
+            if self._no_link_above(os.path.dirname(p)) and not os.path.islink(p):
                 return Path(p)
         p = (root / location).resolve()
         if not p.is_relative_to(root) or p == root:
@@ -156,6 +162,11 @@ class ArtifactStore:
         if not files:
             raise BadInputError(f"{src} holds no files to store")
         return self.put(files)
+
+    def preload_digests(self) -> None:
+        """Before checking thousands of folders: read the kept digests of the store's files with
+        one query (`hashing.preload_cache`)."""
+        preload_cache(self.resolved_root)
 
     def verify(self, location: str, expected_sha256: str, *, what: str = "artifact") -> Path:
         """Check a stored artifact against its expected digest and return its path.

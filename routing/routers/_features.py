@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("plait_embedding_cache", default=False)
-_MEMORY: dict[str, dict[str, Any]] = {}  # encoder key -> {text sha256: [dim] float32 vector}
+_MEMORY: dict[str, dict[str, Any]] = {}  # encoder key -> {text sha256: its embedding or packed terms}
 _DIRTY: dict[str, set[str]] = {}  # encoder key -> shards (first hex digit of the text hash) to write
 _LOCK = threading.Lock()
 #: how many encoder calls filled the cache (for tests and the scale bench)
@@ -117,6 +117,22 @@ def _mark(key: str, hashes) -> None:
     _DIRTY.setdefault(key, set()).update(h[:1] for h in hashes)
 
 
+def _cached(key: str, texts: list[str], compute: Callable[[list[str]], list[Any]]) -> tuple[list[Any], int]:
+    """The kept value of each text under `key`, `compute` called once on the texts not kept yet
+    (their values are kept, and their shards marked for `flush`); and how many it computed."""
+    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    with _LOCK:
+        table = _table(key)
+        todo = list(dict.fromkeys(h for h in hashes if h not in table))
+    if todo:
+        first = {h: t for h, t in zip(hashes, texts)}
+        values = compute([first[h] for h in todo])
+        with _LOCK:
+            table.update(zip(todo, values))
+            _mark(key, todo)
+    return [table[h] for h in hashes], len(todo)
+
+
 def encode_cached(spec: dict[str, Any], texts: list[str], encode: Callable[[list[str]], Any]):
     """`encode(texts)`, reusing and keeping cached rows while `cached_embeddings()` is active.
 
@@ -129,21 +145,10 @@ def encode_cached(spec: dict[str, Any], texts: list[str], encode: Callable[[list
         return encode(texts)
     import torch
 
-    key = _key(spec)
-    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    with _LOCK:
-        table = _table(key)
-        todo = list(dict.fromkeys(h for h in hashes if h not in table))
-    if todo:
-        first = {h: t for h, t in zip(hashes, texts)}
-        vectors = encode([first[h] for h in todo])
-        with _LOCK:
-            for h, v in zip(todo, vectors):
-                table[h] = v.clone()
-            _mark(key, todo)
-    STATS["encoded_texts"] += len(todo)
-    STATS["cached_texts"] += len(texts) - len(todo)
-    return torch.stack([table[h] for h in hashes])
+    rows, computed = _cached(_key(spec), texts, lambda todo: [v.clone() for v in encode(todo)])
+    STATS["encoded_texts"] += computed
+    STATS["cached_texts"] += len(texts) - computed
+    return torch.stack(rows)
 
 
 def cached_term_arrays(texts: list[str], buckets: int, bigrams: bool, terms: Callable[..., dict[int, float]]):
@@ -159,26 +164,13 @@ def cached_term_arrays(texts: list[str], buckets: int, bigrams: bool, terms: Cal
         return [arrays(terms(t, buckets, bigrams)) for t in texts]
     import torch
 
+    def packed(todo: list[str]):  # [2, terms] float64: bucket indices (< 2**24: exact) over weights
+        return [torch.from_numpy(np.stack([i.astype(np.float64), v]))
+                for i, v in (arrays(terms(t, buckets, bigrams)) for t in todo)]
+
     key = _key({"terms": "crc32 words and word pairs, log1p counts", "buckets": buckets, "bigrams": bigrams})
-    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    with _LOCK:
-        table = _table(key)
-        have = {h: table[h] for h in hashes if h in table}
-    new = {}
-    for h, t in zip(hashes, texts):
-        if h not in have and h not in new:
-            idx, val = arrays(terms(t, buckets, bigrams))
-            new[h] = torch.from_numpy(np.stack([idx.astype(np.float64), val]))  # buckets < 2**24: exact
-    if new:
-        with _LOCK:
-            table.update(new)
-            _mark(key, new)
-    have.update(new)
-    out = []
-    for h in hashes:
-        m = have[h].numpy()
-        out.append((m[0].astype(np.int64), m[1]))
-    return out
+    rows, _ = _cached(key, texts, packed)
+    return [(m[0].astype(np.int64), m[1]) for m in (r.numpy() for r in rows)]
 
 
 def flush() -> None:
