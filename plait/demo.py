@@ -12,10 +12,12 @@ which to forget it. Then it routes and answers a few held-out
 inputs and an out-of-domain question, and ends with one summary screen that marks each
 target of issue 13 PASS or MISS.
 
-Time (the target: 8 minutes after setup on 2 cores). The baselines join the final audit only:
-their versions are trained and measured once either way (stored figures are reused), so this
-moves their work rather than removing it, but each earlier audit stays short. The answering
-step asks four questions for 20 tokens (it was five for 24).
+Time (the target: 8 minutes after setup on 2 cores; missed on a 2-core CPU without fast bf16:
+`bench/demo_budget.py` prices the 336 optimizer steps alone at 753 s there, two thirds of
+them the baselines'). The baselines join the final audit only: their versions are trained and
+measured once either way (stored figures are reused), so this moves their work rather than
+removing it, but each earlier audit stays short. The answering step asks four questions for 20
+tokens (it was five for 24).
 
 Re-running it in the same workspace reuses every domain already trained.
 """
