@@ -65,6 +65,7 @@ from torch import nn
 
 from registry.errors import BadInputError, ConflictError, NotFoundError
 from routing.residency import Residency
+from training.evaluation import next_token_nll
 from training.methods import detect_kind, get_kind, kind_names, read_adapter_config
 from training.methods._stacking import KindRouting, SiteRegistry, Stacker
 
@@ -517,10 +518,9 @@ class CompositionEngine:
 
     def _row_losses(self, ids: torch.Tensor, mask: torch.Tensor, label_mask: torch.Tensor,
                     routing: Sequence[RoutingLike] | RoutingLike) -> torch.Tensor:
-        logits = self.forward(ids, mask, routing).logits[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
+        logits = self.forward(ids, mask, routing).logits
+        tok = next_token_nll(logits, ids)
         lm = label_mask[:, 1:].to(logits.device).float()
-        tok = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return ((tok * lm).sum(-1) / lm.sum(-1)).cpu()
 
     def _loss_inputs(self, texts: list[str], completions: Sequence[str] | None

@@ -126,3 +126,20 @@ def test_a_trainable_or_adapted_head_keeps_the_plain_path(tiny_base):
     bare.lm_head.weight.requires_grad_(False)
     bare.config.model_type = "gemma2"  # softcapped logits: never fused
     assert split_causal_lm(bare) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_nll_is_each_positions_log_probability_of_the_next_token(dtype):
+    """The engine's and the perplexity router's per-token loss: -log softmax(logits[b, t])[ids[b, t + 1]],
+    computed in float32 whatever the logits' dtype, one column fewer than positions."""
+    from training.evaluation import next_token_nll
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 9, 50, generator=g) * 4).to(dtype)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    nll = next_token_nll(logits, ids)
+    assert nll.shape == (3, 8) and nll.dtype == torch.float32
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    want = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(nll, want, atol=1e-5, rtol=0)
+    assert nll[1, 4] > 0 and not torch.equal(nll[0], nll[1])

@@ -35,12 +35,10 @@ class LossScorer(Protocol):
 
 def row_losses(logits, input_ids, attention_mask):
     """Mean next-token NLL per row over real (unpadded) tokens; [batch] float32."""
-    import torch
+    from training.evaluation import next_token_nll
 
-    shift_logits = logits[:, :-1].float()
-    target = input_ids[:, 1:]
-    mask = attention_mask[:, 1:].to(shift_logits.dtype)
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), target, reduction="none")
+    nll = next_token_nll(logits, input_ids)
+    mask = attention_mask[:, 1:].to(nll.device, nll.dtype)
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
