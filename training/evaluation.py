@@ -2,7 +2,8 @@
 
 `token_loss_sum` is the one loss the trainer steps on and `evaluate` measures with (the warm
 start scores its candidates with it too, `training.warmstart`); Llama-style models take the
-fused path of `training.loss`.
+fused path of `training.loss`. `next_token_nll` is the per-position loss the composition
+engine (audits, validation losses) and the perplexity router score rows with.
 """
 
 from __future__ import annotations
